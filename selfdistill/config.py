@@ -1,0 +1,494 @@
+"""Policy files: the typed configuration of a selfdistill service, validated before anything heavy
+is built.
+
+A policy is a TOML file whose tables map one to one onto the models below (`extra="forbid"`
+everywhere, help text on every field). `load_policy(path)` returns a `Policy` or raises a
+`PolicyError` whose message lists every problem at once, each naming the file, the key path and
+what is expected. `selfdistill check POLICY` is the command-line face of this module.
+
+Pure: imports only pydantic and the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selfdistill.errors import PolicyError
+
+BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# student and engines
+
+
+class LoraConfig(_Model):
+    r: int = Field(16, ge=1, le=512, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description='Modules that carry LoRA weights, or "all-linear".'
+    )
+
+
+class StudentConfig(_Model):
+    base_model: str = Field(
+        BUNDLED_STUDENT,
+        description=f'Hugging Face model directory of the student, or "{BUNDLED_STUDENT}" for the '
+        "bundled SmolLM2-135M-Instruct (prepared by `selfdistill models prepare`).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings.")
+    system_prompt: str | None = Field(
+        None, description="System message put before every task prompt (none: the template's default)."
+    )
+
+
+class OpenAIEndpoint(_Model):
+    base_url: str = Field(..., description="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(..., description="Model name sent in each request.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (never the key itself)."
+    )
+    api_key_file: Path | None = Field(
+        None, description="A file holding the API key; it must be readable by its owner only (mode 0600)."
+    )
+    concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one request, in seconds.")
+    max_retries: int = Field(5, ge=0, le=50, description="Retries on 429, 5xx and connection errors.")
+    backoff_s: float = Field(0.5, gt=0, description="First backoff delay; doubles each retry (with jitter).")
+    circuit_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed requests after which the circuit opens."
+    )
+    circuit_breaker_cooldown_s: float = Field(
+        60.0, gt=0, description="How long an open circuit refuses requests before trying again."
+    )
+
+
+class EngineConfig(_Model):
+    kind: Literal["vllm", "transformers", "openai"] = Field(
+        "vllm", description="Which engine serves the student: offline vLLM, transformers, or a server."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype. On CPU, bfloat16 is about 4.5x float32 in vLLM where AVX512-BF16 exists."
+    )
+    max_model_len: int = Field(2048, ge=64, description="Context length the engine reserves.")
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1.0, description="vLLM on GPU: share of GPU memory.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vLLM on CPU: KV cache size in GiB.")
+    enforce_eager: bool = Field(True, description="vLLM: skip graph capture / torch.compile (faster start).")
+    max_loras: int = Field(2, ge=1, description="vLLM: adapters resident at once.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (none: library default).")
+    batch_size: int = Field(32, ge=1, description="transformers engine: sequences per generate batch.")
+    release_for_training: Literal["auto", "sleep", "restart", "keep"] = Field(
+        "auto",
+        description="How the engine frees memory before a training round: vLLM sleep mode, a clean "
+        "shutdown and restart, or keep it loaded ('auto' picks sleep on GPU, restart on CPU).",
+    )
+    server: OpenAIEndpoint | None = Field(
+        None, description="kind='openai': the server that serves the student (a `vllm serve` with LoRA)."
+    )
+
+
+class TeacherConfig(_Model):
+    kind: Literal["openai", "transformers", "vllm"] = Field("openai", description="How the teacher is reached.")
+    model: str | None = Field(None, description="Local model directory (kind transformers or vllm).")
+    endpoint: OpenAIEndpoint | None = Field(None, description="kind='openai': the server.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature for teacher calls.")
+    max_tokens: int = Field(512, ge=1, description="Maximum tokens of a teacher answer.")
+
+    @model_validator(mode="after")
+    def _where(self) -> "TeacherConfig":
+        if self.kind == "openai" and self.endpoint is None:
+            raise ValueError("kind='openai' needs an [endpoint] table with base_url and model")
+        if self.kind != "openai" and not self.model:
+            raise ValueError(f"kind='{self.kind}' needs `model` (a local model directory)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# tasks
+
+
+class JsonlSource(_Model):
+    type: Literal["jsonl"]
+    path: Path = Field(..., description="JSONL file: one object per line with `prompt`, optional "
+                       "`answer`, `verifier`, `category`, `metadata`.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
+
+
+class ReasoningGymSource(_Model):
+    type: Literal["reasoning_gym"]
+    dataset: str = Field(..., description="reasoning-gym dataset name, e.g. 'chain_sum'.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Keyword config for the dataset.")
+    seed: int = Field(0, description="Seed of the procedural generator.")
+    size: int = Field(1000, ge=1, description="Items drawn from the generator.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
+
+
+class DatasetDirSource(_Model):
+    type: Literal["dataset_dir"]
+    path: Path = Field(..., description="Local directory of *.jsonl / *.json / *.parquet files.")
+    prompt_field: str = Field("prompt", description="Column holding the prompt.")
+    answer_field: str | None = Field("answer", description="Column holding the reference answer.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
+
+
+class ExpansionSource(_Model):
+    type: Literal["expansion"]
+    by: Literal["teacher", "student"] = Field("teacher", description="Who writes the new tasks.")
+    seeds_from: str = Field("all", description="Source name (or 'all') whose tasks serve as examples.")
+    per_round: int = Field(16, ge=1, description="New tasks asked for per expansion.")
+    examples_per_prompt: int = Field(3, ge=1, le=16, description="Seed tasks shown in each request.")
+    max_similarity: float = Field(0.7, gt=0, le=1, description="Reject a new task this similar (ROUGE-L-like) to a known one.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
+
+
+SourceConfig = Annotated[
+    Union[JsonlSource, ReasoningGymSource, DatasetDirSource, ExpansionSource], Field(discriminator="type")
+]
+
+
+class CurriculumConfig(_Model):
+    target_pass_rate: float = Field(0.5, gt=0, lt=1, description="Pass rate a task is most useful at.")
+    width: float = Field(0.25, gt=0, description="How fast the weight falls away from the target pass rate.")
+    explore_weight: float = Field(1.0, ge=0, description="Weight of a task never attempted.")
+    floor_weight: float = Field(0.05, ge=0, description="Weight of a task always or never solved.")
+    max_uses: int = Field(8, ge=1, description="A task is not sampled again after this many rounds.")
+
+
+class TasksConfig(_Model):
+    sources: list[SourceConfig] = Field(..., min_length=1, description="Where tasks come from.")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of tasks kept held-out (by key hash).")
+    per_round: int = Field(64, ge=1, description="Training tasks sampled per round.")
+    prompt_suffix: str = Field(
+        "", description="Text appended to every task prompt (e.g. the answer format asked for)."
+    )
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="Sampling weights.")
+    default_verifier: str = Field(
+        "auto", description="Verifier for tasks that name none: 'auto' = the source's own "
+        "(reasoning-gym scoring), else exact / normalized / numeric / regex:<pattern> / code."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# generation, scoring, pairs
+
+
+class GenerationConfig(_Model):
+    samples_per_task: int = Field(8, ge=1, le=256, description="k: answers sampled per task.")
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_tokens: int = Field(128, ge=1, description="Maximum new tokens per answer.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    seed: int = Field(0, description="Seed of the engine (per-request seeds crash vLLM's CPU build).")
+
+
+class JudgeConfig(_Model):
+    enabled: bool = Field(False, description="Use this judge.")
+    mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="Score each answer, or compare two (both orders).")
+    max_tokens: int = Field(16, ge=1, description="Tokens the judge may write for a verdict.")
+    min_agreement: float = Field(0.6, ge=0, le=1, description="Judge health: least agreement with the reference on the anchor set.")
+    max_position_bias: float = Field(0.3, ge=0, le=1, description="Judge health: most share of pairwise verdicts that flip with order.")
+    min_distinct_scores: int = Field(2, ge=1, description="Judge health: fewer distinct scores than this is a collapse.")
+    anchor_size: int = Field(32, ge=4, description="Anchor items used to check the judge.")
+    recheck_every_rounds: int = Field(5, ge=1, description="Re-measure the judge's health every N rounds.")
+
+
+class ScoringConfig(_Model):
+    use_verifier: bool = Field(True, description="Score answers with the task's verifier where it has one.")
+    self_judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The student judges its own answers.")
+    teacher_judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The teacher judges the student's answers.")
+    teacher_label: bool = Field(False, description="The teacher writes a reference answer used as an SFT example / chosen side.")
+    teacher_revise: bool = Field(False, description="The teacher revises a wrong student answer into the chosen side.")
+    code_timeout_s: float = Field(5.0, gt=0, description="Sandbox: wall-clock limit for code answers.")
+    code_memory_mb: int = Field(256, ge=16, description="Sandbox: address-space limit.")
+
+
+class PairsConfig(_Model):
+    strategy: Literal["best_vs_worst", "all_above_margin", "verified_chosen"] = Field(
+        "verified_chosen", description="How pairs are formed from the k scored answers of a task."
+    )
+    min_margin: float = Field(0.5, ge=0, description="Least score difference between chosen and rejected.")
+    max_pairs_per_task: int = Field(4, ge=1, description="Cap of pairs taken from one task per round.")
+    length_match: bool = Field(False, description="Prefer rejected answers of similar length (against length bias).")
+    length_ratio_max: float = Field(1.5, ge=1, description="length_match: longest/shortest ratio allowed.")
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="Answers this similar count as duplicates.")
+    sft_from: Literal["verified", "top", "none"] = Field("verified", description="SFT examples: verified-correct answers, the top-scored, or none.")
+    max_sft_per_task: int = Field(2, ge=0, description="Cap of SFT examples taken from one task per round.")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"verifier": 1.0, "teacher": 0.7, "self": 0.4},
+        description="Weight of a pair by the source of its signal.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# training, evaluation, gates
+
+
+class TrainingConfig(_Model):
+    algorithm: Literal["sft", "dpo", "sft_then_dpo"] = Field("sft_then_dpo", description="What a round trains.")
+    loss_type: list[Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "simpo", "orpo"]] = Field(
+        default_factory=lambda: ["sigmoid"], description="DPO-family loss(es); simpo and orpo are reference-free."
+    )
+    loss_weights: list[float] | None = Field(None, description="Weights of the losses in loss_type (same length).")
+    beta: float = Field(0.1, gt=0, description="DPO beta.")
+    rpo_alpha: float | None = Field(0.5, ge=0, description="Weight of an NLL term on the chosen answers (RPO); none to disable.")
+    reference: Literal["incumbent", "base"] = Field("incumbent", description="DPO reference model.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    dpo_learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the DPO stage (none: learning_rate / 4).")
+    epochs: float = Field(2.0, gt=0, le=100, description="Epochs of SFT over the round's examples.")
+    dpo_epochs: float = Field(1.0, gt=0, le=100, description="Epochs of DPO over the round's pairs.")
+    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(384, ge=16, description="Longest training sequence, in tokens.")
+    data_scope: Literal["since_last", "all"] = Field(
+        "all", description="Train on data gathered since the last round, or all training data so far (STaR-style)."
+    )
+    replay_fraction: float = Field(0.0, ge=0, le=1, description="since_last: share of older data mixed in against forgetting.")
+    min_sft_examples: int = Field(8, ge=1, description="Fewer SFT examples than this: the SFT stage is skipped with a reason.")
+    min_pairs: int = Field(8, ge=1, description="Fewer pairs than this: the DPO stage is skipped with a reason.")
+    time_limit_s: float = Field(3600.0, gt=0, description="The child is killed (whole process group) after this.")
+    launcher: Literal["python", "accelerate", "torchrun"] = Field("python", description="How the child is started.")
+    num_processes: int = Field(1, ge=1, description="Processes under accelerate/torchrun.")
+    threads: int | None = Field(None, ge=1, description="CPU threads of the child (none: library default).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    explode_grad_norm: float = Field(1e4, gt=0, description="Guard: a gradient norm above this fails the round.")
+    min_loss_change: float = Field(1e-4, ge=0, description="Guard: a loss that moves less than this fails the round.")
+    min_dpo_margin: float = Field(-5.0, description="Guard: a final mean DPO reward margin below this fails the round.")
+    seed: int = Field(0, description="Training seed.")
+    max_retries: int = Field(1, ge=0, description="A failed round is retried this many times before being given up.")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "TrainingConfig":
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"got {len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss_type entries"
+            )
+        return self
+
+
+class EvaluationConfig(_Model):
+    heldout_items: int = Field(200, ge=1, description="Held-out tasks each evaluation answers (same items, same seed).")
+    max_tokens: int = Field(128, ge=1, description="Tokens per evaluation answer (greedy).")
+    pairwise_judge: Literal["none", "teacher", "self"] = Field("none", description="Judge candidate vs incumbent answers in both orders.")
+    anchor_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Write one sentence about the sea.",
+            "What is the capital of France?",
+            "Give a short tip for staying healthy.",
+            "Explain in one sentence what a computer does.",
+        ],
+        description="Forgetting guard: general prompts whose answers under the base must stay likely.",
+    )
+    anchor_max_tokens: int = Field(48, ge=1, description="Length of the base's reference answers to anchor prompts.")
+    audit_items: int = Field(0, ge=0, description="Held-out items reserved as an audit set that gates never see.")
+
+
+class GateConfig(_Model):
+    min_gain: float = Field(0.0, ge=-1, le=1, description="Least accuracy gain (candidate - incumbent) to promote.")
+    test: Literal["mcnemar", "bootstrap", "none"] = Field("mcnemar", description="Paired significance test on per-item correctness.")
+    alpha: float = Field(0.05, gt=0, le=1, description="Significance level of the paired test (one-sided).")
+    max_category_regression: float = Field(0.05, ge=0, le=1, description="Most accuracy a category may lose.")
+    min_category_items: int = Field(20, ge=1, description="Categories with fewer held-out items are not checked for regression.")
+    max_anchor_nll_increase: float = Field(0.5, ge=0, description="Forgetting guard: most increase of mean per-token NLL of the base's anchor answers.")
+    max_empty_fraction: float = Field(0.1, ge=0, le=1, description="Sanity: most share of empty answers.")
+    max_repetition: float = Field(0.5, ge=0, le=1, description="Sanity: most share of repeated 4-grams in an answer, on average.")
+    max_length_ratio: float = Field(3.0, ge=1, description="Sanity: mean answer length may not change by more than this factor.")
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="Pairwise judging (if on): least win rate of the candidate.")
+    bootstrap_samples: int = Field(2000, ge=100, description="Resamples of the bootstrap test.")
+
+
+# --------------------------------------------------------------------------------------------
+# schedule, stopping, service
+
+
+class TimeWindow(_Model):
+    start: str = Field(..., pattern=r"^\d{2}:\d{2}$", description="HH:MM local time the window opens.")
+    end: str = Field(..., pattern=r"^\d{2}:\d{2}$", description="HH:MM local time it closes (may wrap past midnight).")
+
+
+class ScheduleConfig(_Model):
+    train_min_new_pairs: int = Field(0, ge=0, description="Train when this many new pairs+examples exist (0: every round).")
+    train_interval_s: float | None = Field(None, gt=0, description="Also train at most every this many seconds.")
+    train_cron: str | None = Field(None, description="Or train on this cron expression (5 fields).")
+    train_windows: list[TimeWindow] = Field(default_factory=list, description="Training only inside these windows (none: always).")
+    eval_interval_s: float | None = Field(None, gt=0, description="Re-evaluate the incumbent every this many seconds.")
+    housekeeping_interval_s: float = Field(3600.0, gt=0, description="Retention, WAL checkpoint and VACUUM every this many seconds.")
+    idle_sleep_s: float = Field(5.0, ge=0, description="Pause between cycles when there is nothing to do.")
+
+
+class StoppingConfig(_Model):
+    max_rounds: int | None = Field(None, ge=1, description="Stop after this many decided rounds.")
+    max_wall_s: float | None = Field(None, gt=0, description="Stop after this much wall-clock time in this run.")
+    max_generated_tokens: int | None = Field(None, ge=1, description="Stop when generations have used this many tokens in total.")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="Stop when the incumbent's held-out accuracy reaches this.")
+    plateau_rounds: int | None = Field(None, ge=1, description="Stop after this many rejected rounds in a row.")
+    max_regressions: int | None = Field(None, ge=1, description="Stop after this many rounds whose candidate did worse than the incumbent.")
+    stop_when_tasks_exhausted: bool = Field(True, description="Stop when no training task can be sampled any more.")
+    stop_file: str = Field("STOP", description="A file of this name in the state directory stops the daemon.")
+
+
+class RetentionConfig(_Model):
+    keep_rejected: int = Field(3, ge=0, description="Rejected or failed candidates kept on disk (the newest).")
+
+
+class LoggingConfig(_Model):
+    format: Literal["json", "human"] = Field("json", description="Logs on stderr: one JSON object per line, or text.")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class Policy(_Model):
+    """A whole policy file."""
+
+    name: str = Field("selfdistill", description="Name of this service (shown in logs and the report).")
+    state_dir: Path = Field(Path("state"), description="Directory of the database, checkpoints, caches and lock (relative to the policy file).")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The model being improved.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="How the student is served.")
+    teacher: TeacherConfig | None = Field(None, description="The teacher model, if any.")
+    tasks: TasksConfig = Field(..., description="Task sources, held-out split and curriculum.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling of the student's answers.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="How answers are scored.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="How training data is formed.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="LoRA training rounds.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out evaluation.")
+    gates: GateConfig = Field(default_factory=GateConfig, description="When a candidate is promoted.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When training and upkeep happen.")
+    stopping: StoppingConfig = Field(default_factory=StoppingConfig, description="When the daemon stops.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="What is kept on disk.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log format.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Policy":
+        problems = []
+        if self.tasks.heldout_fraction == 0 and self.gates.test != "none":
+            problems.append(
+                "tasks.heldout_fraction is 0 but gates.test needs held-out items: "
+                "set tasks.heldout_fraction > 0 or gates.test = 'none'"
+            )
+        if self.gates.min_gain > 0 and self.gates.test == "none" and self.tasks.heldout_fraction == 0:
+            problems.append("gates.min_gain > 0 can never pass without held-out items")
+        needs_teacher = (
+            self.scoring.teacher_judge.enabled
+            or self.scoring.teacher_label
+            or self.scoring.teacher_revise
+            or self.evaluation.pairwise_judge == "teacher"
+            or any(getattr(s, "by", None) == "teacher" for s in self.tasks.sources)
+        )
+        if needs_teacher and self.teacher is None:
+            problems.append("a teacher is used (teacher_judge / teacher_label / teacher_revise / expansion by teacher / pairwise_judge) but no [teacher] table is given")
+        if self.engine.kind == "openai" and self.engine.server is None:
+            problems.append("engine.kind = 'openai' needs an [engine.server] table")
+        if not self.scoring.use_verifier and not self.scoring.self_judge.enabled and not self.scoring.teacher_judge.enabled:
+            problems.append("no scorer is enabled: set scoring.use_verifier, scoring.self_judge.enabled or scoring.teacher_judge.enabled")
+        if self.gates.min_gain >= 1.0:
+            problems.append("gates.min_gain = 1.0 can never pass: a candidate cannot gain more than 100 points")
+        if self.gates.test != "none" and self.gates.alpha < 1.0:
+            # an exact one-sided McNemar test cannot reach p < alpha with fewer than log2(1/alpha) items
+            need = math.ceil(math.log2(1 / self.gates.alpha))
+            if self.evaluation.heldout_items < need:
+                problems.append(
+                    f"evaluation.heldout_items = {self.evaluation.heldout_items} can never reach "
+                    f"p < {self.gates.alpha}: at least {need} items are needed"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # paths relative to the policy file are resolved by load_policy
+    def resolve_paths(self, base: Path) -> "Policy":
+        if not self.state_dir.is_absolute():
+            self.state_dir = (base / self.state_dir).resolve()
+        for s in self.tasks.sources:
+            p = getattr(s, "path", None)
+            if p is not None and not p.is_absolute():
+                s.path = (base / p).resolve()
+        if self.student.base_model != BUNDLED_STUDENT and self.student.base_model.startswith((".", "/")):
+            self.student.base_model = str((base / self.student.base_model).resolve())
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif x in ("jsonl", "reasoning_gym", "dataset_dir", "expansion") and parts and parts[-1].endswith("]"):
+            continue  # pydantic names the union member; the index already says which entry
+        else:
+            parts.append(("." if parts else "") + str(x))
+    return "".join(parts) or "(top level)"
+
+
+def _expected(err: dict[str, Any]) -> str:
+    t = err["type"]
+    if t == "extra_forbidden":
+        return "unknown key (check the spelling; `selfdistill check --schema` lists the keys)"
+    if t == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    inp = err.get("input")
+    if t not in ("model_type",) and not isinstance(inp, dict) and inp is not None:
+        return f"{msg} (got {inp!r})"
+    return msg
+
+
+def parse_policy(data: dict[str, Any], source: str = "<policy>") -> Policy:
+    """Validate a policy given as a dict; every problem goes into one PolicyError."""
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as e:
+        problems = [f"{source}: {_loc(err['loc'])}: {_expected(err)}" for err in e.errors()]
+        raise PolicyError(
+            problems[0] if len(problems) == 1 else f"{len(problems)} problems in {source}:\n  " + "\n  ".join(problems),
+            problems,
+        ) from None
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate a policy file; relative paths in it are taken relative to the file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError(f"{p}: no such policy file (give the path of a .toml policy, e.g. policies/cpu-demo.toml)") from None
+    except OSError as e:
+        raise PolicyError(f"{p}: cannot read the policy file ({e.strerror})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PolicyError(f"{p}: not a text file (a policy is a UTF-8 TOML file)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"{p}: not valid TOML: {e}") from None
+    return parse_policy(data, str(p)).resolve_paths(p.parent.resolve())
+
+
+def field_help(model: type[BaseModel] = Policy, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, type, help) for every field: the policy reference `selfdistill check --schema` prints."""
+    rows: list[tuple[str, str, str]] = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is None:
+            for a in getattr(ann, "__args__", ()) or ():
+                if isinstance(a, type) and issubclass(a, BaseModel):
+                    sub = a
+        rows.append((key, getattr(ann, "__name__", str(ann)).replace("typing.", ""), f.description or ""))
+        if sub is not None:
+            rows.extend(field_help(sub, key + "."))
+    return rows
