@@ -1,0 +1,92 @@
+"""Process plumbing of the daemon: the state directory, its single-instance lock, and sd_notify.
+
+Standard library only; no work at import time.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from selfdistill.errors import StateDirError
+
+SUBDIRS = ("checkpoints", "cache", "tmp", "exports", "reports")
+
+
+def prepare_state_dir(state_dir: Path) -> Path:
+    """Create the state directory and its subdirectories, owner-only; check it is writable."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        for sub in SUBDIRS:
+            (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
+        probe = state_dir / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StateDirError(f"{state_dir}: state directory is not writable ({e.strerror}); fix its permissions or set state_dir") from None
+    return state_dir
+
+
+def check_state_dir_writable(state_dir: Path) -> None:
+    """Fail early (before writing anything) if the state directory cannot be created or written."""
+    p = state_dir
+    while not p.exists():
+        p = p.parent
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise StateDirError(f"{state_dir}: state directory is not writable (no write access to {p}); fix its permissions or set state_dir")
+
+
+class StateLock:
+    """An exclusive flock on STATE/lock holding the owner's PID; a second daemon is refused."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateDirError(f"{self.path.parent}: another selfdistill daemon (PID {pid}) holds this state directory; stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def sd_notify(message: str) -> bool:
+    """Send a message to systemd's notify socket, if there is one (READY=1, STATUS=..., WATCHDOG=1)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+def watchdog_interval_s() -> float | None:
+    """Half the watchdog period systemd asked for (WATCHDOG_USEC), if any and if meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
