@@ -1,0 +1,99 @@
+"""The contract between the daemon and a training child: a `RoundSpec` in, a `TrainingResult` out.
+
+The daemon writes the round's data as one JSONL file (see `DATA_FORMAT`) and the spec as JSON next
+to it; the child (`python -m selfdistill.training SPEC.json`) writes the result JSON at
+`spec.result_path`. Both sides read and write these models only, so neither needs the store.
+
+Pure: pydantic and the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfdistill.config import LoraConfig, TrainingConfig
+
+DATA_FORMAT = """\
+One JSON object per line, two kinds, in any order:
+  {"kind": "sft",  "prompt": "...", "completion": "...", "weight": 1.0}
+  {"kind": "pair", "prompt": "...", "chosen": "...", "rejected": "...", "weight": 1.0}
+`prompt` is the task prompt as stored (no chat markup): the child renders it with
+records.chat_messages(prompt, system_prompt) and the tokenizer's chat template, exactly as
+generation does. `weight` is the sampling weight of the row (rows with weight 0 are dropped)."""
+
+
+class RoundSpec(BaseModel):
+    """Everything one training child needs; written as JSON by the daemon."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round_id: int = Field(..., description="Round this training belongs to.")
+    attempt: int = Field(1, ge=1, description="Attempt number of this round's training.")
+    base_model_dir: Path = Field(..., description="Hugging Face model directory of the base student.")
+    incumbent_adapter_dir: Path | None = Field(
+        None, description="Adapter to continue from (trainable) and use as DPO reference; none: a fresh LoRA."
+    )
+    output_dir: Path = Field(
+        ..., description="Final adapter directory; written to a hidden temporary sibling and renamed into place."
+    )
+    data_path: Path = Field(..., description="JSONL file of SFT rows and pairs (see DATA_FORMAT).")
+    system_prompt: str | None = Field(None, description="System message used at generation (none: template default).")
+    training: dict[str, Any] = Field(default_factory=dict, description="TrainingConfig as a dict.")
+    lora: dict[str, Any] = Field(default_factory=dict, description="LoraConfig as a dict (fresh adapters only).")
+    result_path: Path = Field(..., description="JSON file the child writes: status, reason, metrics.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (none: library default).")
+    seed: int = Field(0, description="Training seed.")
+    hf_home: Path = Field(..., description="Service-owned HF_HOME (caches of datasets and hub).")
+
+    def training_config(self) -> TrainingConfig:
+        return TrainingConfig.model_validate(self.training)
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig.model_validate(self.lora)
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        p = Path(path)
+        write_json_atomic(p, self.model_dump(mode="json"))
+        return p
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> "RoundSpec":
+        return cls.model_validate_json(Path(path).read_text())
+
+
+Status = Literal["succeeded", "failed", "skipped"]
+
+
+class TrainingResult(BaseModel):
+    """What a training child reports (and what `run_training_child` returns to the daemon)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Status
+    reason: str | None = Field(None, description="One line: why the round failed or was skipped.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    stages: dict[str, str] = Field(
+        default_factory=dict, description="Per stage (sft, dpo): 'trained' or 'skipped: <reason>'."
+    )
+    adapter_dir: Path | None = Field(None, description="The adapter written (succeeded only).")
+    pid: int | None = Field(None, description="Process (group) id of the child, filled in by the daemon side.")
+    returncode: int | None = Field(None, description="Exit status of the child; negative: killed by that signal.")
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> "TrainingResult":
+        return cls.model_validate_json(Path(path).read_text())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary sibling, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
