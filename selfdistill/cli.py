@@ -54,9 +54,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     for path in args.policy:
         try:
             policy = load_policy(path)
-            from selfdistill.gates import gate_problems
+            from selfdistill.gates import gate_can_pass
 
-            problems = gate_problems(policy)
+            problems = gate_can_pass(policy)
             if problems:
                 raise PolicyError("; ".join(f"{path}: {p}" for p in problems), problems)
         except PolicyError as e:

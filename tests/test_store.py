@@ -1,0 +1,149 @@
+"""The store on a real SQLite file: migrations, canned queries, permissions, refusals, the held-out wall."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+
+import pytest
+
+from selfdistill.errors import StoreError
+from selfdistill.records import PairRecord, SftRecord, TaskIn, split_for, task_key
+from selfdistill.store import Store, canned_queries, migrations, sql_dir
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.create(tmp_path / "state" / "selfdistill.db")
+    s.ensure_base_checkpoint()
+    yield s
+    s.close()
+
+
+def test_migrations_from_empty_are_recorded(store):
+    names = [r["name"] for r in store.query("SELECT name FROM migrations ORDER BY name")]
+    assert names == [n for n, _ in migrations()]
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert store.integrity_check() == "ok"
+    assert store.migrate() == []  # idempotent
+
+
+def test_database_is_owner_only(store):
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+
+
+def test_every_canned_query_runs_in_the_sqlite3_shell(store, tmp_path):
+    rid = store.create_round("base")
+    store.add_tasks([TaskIn("t", "q1", "1")], 0.0)
+    assert len(canned_queries()) >= 5
+    for name, sql in canned_queries().items():
+        r = subprocess.run(["sqlite3", "-header", "-column", str(store.path)], input=sql, capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, (name, r.stderr)
+        assert store.query(sql) is not None
+    assert "round" in subprocess.run(["sqlite3", "-header", str(store.path)], input=canned_queries()["rounds"],
+                                     capture_output=True, text=True).stdout
+    assert rid == 1
+
+
+def test_foreign_and_corrupt_databases_are_refused(tmp_path):
+    foreign = tmp_path / "other.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE x(a)").connection.commit()
+    with pytest.raises(StoreError, match="did not create"):
+        Store.open(foreign)
+    notdb = tmp_path / "notdb.db"
+    notdb.write_bytes(b"hello, this is not sqlite at all" * 10)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        Store.open(notdb)
+    with pytest.raises(StoreError, match="run `selfdistill init"):
+        Store.open(tmp_path / "missing.db")
+
+
+def test_newer_schema_is_refused(store):
+    store.conn.execute("INSERT INTO migrations(name, applied_at) VALUES ('9999_future', 0)")
+    path = store.path
+    store.close()
+    with pytest.raises(StoreError, match="newer selfdistill"):
+        Store.open(path)
+
+
+def test_tasks_are_idempotent_and_split_by_key(store):
+    tasks = [TaskIn("s", f"question {i}", str(i)) for i in range(200)]
+    assert store.add_tasks(tasks, 0.3) == (200, 0)
+    assert store.add_tasks(tasks + [TaskIn("other-source", "question  7", "x")], 0.3) == (0, 201)
+    counts = store.count_tasks()
+    assert sum(counts.values()) == 200
+    assert 30 < counts["heldout"] < 90
+    for t in store.tasks():
+        assert t.split == split_for(task_key(t.prompt), 0.3)
+
+
+def test_heldout_wall_in_training_data(store):
+    """Rows built from held-out tasks never reach training data, whatever the rows say."""
+    store.add_tasks([TaskIn("s", f"q{i}", str(i)) for i in range(60)], 0.5)
+    rid = store.create_round("base")
+    tasks = store.tasks()
+    held = [t for t in tasks if t.split == "heldout"]
+    train = [t for t in tasks if t.split == "train"]
+    assert held and train
+    pairs = [PairRecord(t.id, t.prompt, "good", "bad", 1.0, 1.0, "verifier") for t in tasks]
+    sft = [SftRecord(t.id, t.prompt, "good", 1.0, "verifier") for t in tasks]
+    assert store.add_training_data(rid, pairs, sft) == (60, 60)
+    data = store.training_data(rid, "all")
+    got = {r["task_id"] for r in data["pairs"]} | {r["task_id"] for r in data["sft"]}
+    assert got == {t.id for t in train}
+    assert not got & {t.id for t in held}
+
+
+def test_training_data_scope_and_replay(store):
+    store.add_tasks([TaskIn("s", f"q{i}", str(i)) for i in range(40)], 0.0)
+    tasks = store.tasks()
+    r1 = store.create_round("base")
+    store.add_training_data(r1, [], [SftRecord(t.id, t.prompt, "a", 1.0, "verifier") for t in tasks[:20]])
+    run = store.start_training_run(r1, 1, {})
+    store.finish_training_run(run, "succeeded", {}, None)
+    store.update_round(r1, status="done", phase="done")
+    r2 = store.create_round("base")
+    store.add_training_data(r2, [], [SftRecord(t.id, t.prompt, "b", 1.0, "verifier") for t in tasks[20:30]])
+    assert len(store.training_data(r2, "all")["sft"]) == 30
+    assert len(store.training_data(r2, "since_last")["sft"]) == 10
+    assert len(store.training_data(r2, "since_last", replay_fraction=0.5)["sft"]) == 20
+
+
+def test_promotion_is_one_transaction_and_one_current(store):
+    rid = store.create_round("base")
+    store.add_checkpoint("ckpt-000001", "base", rid, "/x", {})
+    store.commit_promotion("ckpt-000001", "test", rid)
+    assert store.current_checkpoint()["id"] == "ckpt-000001"
+    assert store.query("SELECT count(*) AS n FROM checkpoints WHERE is_current = 1")[0]["n"] == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        store.conn.execute("UPDATE checkpoints SET is_current = 1 WHERE id = 'base'")
+    with pytest.raises(StoreError, match="does not exist"):
+        store.commit_promotion("ckpt-999", "nope")
+    assert store.current_checkpoint()["id"] == "ckpt-000001"
+    assert store.events("promote")[0]["message"].startswith("promote: base -> ckpt-000001")
+
+
+def test_failed_transaction_leaves_nothing(store):
+    rid = store.create_round("base")
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.record_phase(rid, "sample", 0.0, {}, "generate")
+            raise RuntimeError("crash mid-phase")
+    assert store.get_round(rid)["phase"] == "sample"
+    assert store.phases(rid) == []
+
+
+def test_readers_while_a_writer_holds_a_transaction(store):
+    reader = Store.open(store.path, readonly=True)
+    with store.transaction():
+        store.record_phase(store.create_round("base"), "sample", 0.0, {}, "generate")
+        assert reader.rounds() == []  # WAL: the reader sees the last committed state, without waiting
+    assert len(reader.rounds()) == 1
+    reader.close()
+
+
+def test_schema_files_are_found():
+    assert (sql_dir() / "migrations" / "0001_initial.sql").is_file()
