@@ -1,0 +1,247 @@
+"""Scored candidates -> ranked (chosen, rejected) pairs and SFT examples, and their TRL files.
+
+- `build_pairs(candidates_by_task, prompts, cfg)` forms preference pairs per task with one of three
+  strategies (`best_vs_worst`, `all_above_margin`, `verified_chosen`), drops near-identical sides
+  and duplicate pairs, optionally keeps only length-matched pairs, caps pairs per task and weights
+  each pair by the source of its signal (`cfg.weights`).
+- `build_sft(candidates_by_task, prompts, cfg)` keeps verified-correct answers (rejection
+  sampling) or the top-scored ones, deduplicated and capped.
+- `candidate_from(...)` merges a verifier verdict and a judge score into one `Candidate`: the
+  verifier outranks any judge, so no judge (fooled or not) can change a verifier-backed ranking.
+- `export_jsonl` / `export_sft_jsonl` write TRL's conversational formats (prompt/chosen/rejected;
+  messages), atomically.
+- `similarity(a, b)` is the ROUGE-L F-measure over whitespace tokens; task expansion uses it too.
+
+Scores are in [0, 1] (a judge's 1-10 is mapped by the caller: (s - 1) / 9). Candidates are only
+compared with candidates scored by the same source: a verifier's 0.0 and a judge's 0.3 do not
+share a scale. `prompts[task_id]` is the prompt exactly as the student was asked (suffix included).
+
+Pure: standard library and selfdistill.records only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from selfdistill.config import PairsConfig
+from selfdistill.records import Candidate, PairRecord, SftRecord, chat_messages, normalize_prompt
+
+# Which signal wins when a task has candidates scored by several: the verifier first, then the
+# teacher, then the student's own judgment.
+SOURCE_RANK = ("verifier", "teacher", "self")
+
+
+def _tokens(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def similarity(a: str, b: str, at_least: float = 0.0) -> float:
+    """ROUGE-L F1 of two texts over lower-cased whitespace tokens, in [0, 1].
+
+    With `at_least`, returns 0.0 early when the bag-of-tokens overlap (an upper bound on the LCS)
+    already shows the score cannot reach it: the quadratic LCS runs only on plausible duplicates.
+    """
+    ta, tb = _tokens(a), _tokens(b)
+    if not ta or not tb:
+        return 1.0 if ta == tb else 0.0
+    overlap = sum((Counter(ta) & Counter(tb)).values())
+    if 2 * overlap / (len(ta) + len(tb)) < at_least:
+        return 0.0
+    return 2 * _lcs(ta, tb) / (len(ta) + len(tb))
+
+
+def _norm(text: str) -> str:
+    return normalize_prompt(text)
+
+
+def _weight(cfg: PairsConfig, source: str) -> float:
+    if source not in cfg.weights:
+        raise ValueError(f"pairs.weights has no weight for signal source '{source}': add `{source} = <weight>` to [pairs.weights]")
+    return cfg.weights[source]
+
+
+def candidate_from(
+    task_id: int,
+    text: str,
+    *,
+    verifier_score: float | None = None,
+    verifier_correct: bool | None = None,
+    judge_score: float | None = None,
+    judge_source: str = "self",
+    generation_id: int | None = None,
+    tokens: int = 0,
+) -> Candidate:
+    """One candidate from whatever signals exist; a verifier verdict always outranks a judge's."""
+    if verifier_score is not None:
+        return Candidate(task_id, text, verifier_score, verifier_correct, "verifier", generation_id, tokens)
+    return Candidate(task_id, text, judge_score, None, judge_source, generation_id, tokens)
+
+
+def _usable(cands: list[Candidate]) -> list[Candidate]:
+    """Scored candidates of the strongest signal source present, exact duplicates removed."""
+    scored = [c for c in cands if c.score is not None]
+    if not scored:
+        return []
+    ranked = sorted({c.source for c in scored}, key=lambda s: SOURCE_RANK.index(s) if s in SOURCE_RANK else len(SOURCE_RANK))
+    best = [c for c in scored if c.source == ranked[0]]
+    seen: set[str] = set()
+    out = []
+    for c in best:
+        key = _norm(c.text)
+        if key and key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _length(c: Candidate) -> int:
+    return c.tokens if c.tokens > 0 else max(1, len(c.text.split()))
+
+
+def _pairs_for_task(cands: list[Candidate], cfg: PairsConfig) -> list[tuple[Candidate, Candidate]]:
+    options: list[tuple[Candidate, Candidate]] = []
+    if cfg.strategy == "verified_chosen":
+        good = [c for c in cands if c.correct is True]
+        bad = [c for c in cands if c.correct is False]
+        options = [(g, b) for g in good for b in bad if g.score - b.score >= cfg.min_margin]
+    elif cfg.strategy == "best_vs_worst":
+        hi = max(c.score for c in cands)
+        lo = min(c.score for c in cands)
+        if hi - lo >= cfg.min_margin:
+            options = [(g, b) for g in cands if g.score == hi for b in cands if b.score == lo and g is not b]
+    else:  # all_above_margin
+        options = [(g, b) for g in cands for b in cands if g.score - b.score >= cfg.min_margin and g is not b]
+    if cfg.length_match:
+        options = [
+            (g, b) for g, b in options
+            if max(_length(g), _length(b)) / min(_length(g), _length(b)) <= cfg.length_ratio_max
+        ]
+    options = [(g, b) for g, b in options if similarity(g.text, b.text, cfg.near_duplicate_threshold) < cfg.near_duplicate_threshold]
+    # Largest margin first; among equals, the closest lengths (less length bias to learn).
+    options.sort(key=lambda p: (-(p[0].score - p[1].score), abs(_length(p[0]) - _length(p[1]))))
+    # First pass uses each answer at most once (more distinct evidence), second fills the cap.
+    chosen: list[tuple[Candidate, Candidate]] = []
+    used: set[int] = set()
+    for g, b in options:
+        if len(chosen) < cfg.max_pairs_per_task and id(g) not in used and id(b) not in used:
+            chosen.append((g, b))
+            used.update((id(g), id(b)))
+    for g, b in options:
+        if len(chosen) >= cfg.max_pairs_per_task:
+            break
+        if (g, b) not in chosen:
+            chosen.append((g, b))
+    return chosen
+
+
+def build_pairs(
+    candidates_by_task: dict[int, list[Candidate]], prompts: dict[int, str], cfg: PairsConfig
+) -> list[PairRecord]:
+    """Preference pairs from the scored answers of each task (see the module docstring)."""
+    out: list[PairRecord] = []
+    seen: set[tuple[str, str, str]] = set()
+    for task_id in sorted(candidates_by_task):
+        cands = _usable(candidates_by_task[task_id])
+        if len(cands) < 2:
+            continue
+        prompt = prompts[task_id]
+        for g, b in _pairs_for_task(cands, cfg):
+            key = (_norm(prompt), _norm(g.text), _norm(b.text))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(PairRecord(
+                task_id=task_id, prompt=prompt, chosen=g.text, rejected=b.text,
+                margin=g.score - b.score, weight=_weight(cfg, g.source), source=g.source,
+                chosen_gen_id=g.generation_id, rejected_gen_id=b.generation_id,
+            ))
+    return out
+
+
+def build_sft(
+    candidates_by_task: dict[int, list[Candidate]], prompts: dict[int, str], cfg: PairsConfig
+) -> list[SftRecord]:
+    """SFT examples: verified-correct answers (`sft_from="verified"`) or each task's top-scored."""
+    if cfg.sft_from == "none" or cfg.max_sft_per_task == 0:
+        return []
+    out: list[SftRecord] = []
+    for task_id in sorted(candidates_by_task):
+        cands = _usable(candidates_by_task[task_id])
+        if cfg.sft_from == "verified":
+            keep = [c for c in cands if c.correct is True]
+            tag = "verifier"
+        else:
+            if not cands:
+                continue
+            top = max(c.score for c in cands)
+            keep = [c for c in cands if c.score == top and top > 0]
+            tag = "top"
+        # Shorter correct answers first: the student should learn to answer, not to ramble.
+        keep.sort(key=lambda c: (-c.score, _length(c)))
+        picked: list[Candidate] = []
+        for c in keep:
+            if len(picked) >= cfg.max_sft_per_task:
+                break
+            if all(similarity(c.text, p.text, cfg.near_duplicate_threshold) < cfg.near_duplicate_threshold for p in picked):
+                picked.append(c)
+        for c in picked:
+            out.append(SftRecord(task_id=task_id, prompt=prompts[task_id], completion=c.text,
+                                 weight=_weight(cfg, c.source), source=tag, generation_id=c.generation_id))
+    return out
+
+
+def _write_jsonl_atomic(rows: Iterable[dict], path: str | os.PathLike[str]) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def export_jsonl(pairs: list[PairRecord], path: str | os.PathLike[str], system_prompt: str | None = None) -> int:
+    """TRL conversational preference rows: {"prompt": [messages], "chosen": [...], "rejected": [...]}."""
+    return _write_jsonl_atomic(
+        ({
+            "prompt": chat_messages(p.prompt, system_prompt),
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+        } for p in pairs),
+        path,
+    )
+
+
+def export_sft_jsonl(examples: list[SftRecord], path: str | os.PathLike[str], system_prompt: str | None = None) -> int:
+    """TRL conversational language-modeling rows: {"messages": [system?, user, assistant]}."""
+    return _write_jsonl_atomic(
+        ({"messages": chat_messages(e.prompt, system_prompt) + [{"role": "assistant", "content": e.completion}]}
+         for e in examples),
+        path,
+    )

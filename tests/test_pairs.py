@@ -1,0 +1,172 @@
+"""Pairs and SFT examples from scored candidates: table tests, and the TRL files read back."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from selfdistill.config import PairsConfig
+from selfdistill.pairs import (
+    build_pairs, build_sft, candidate_from, export_jsonl, export_sft_jsonl, similarity,
+)
+from selfdistill.records import Candidate
+
+
+def C(text, score, correct=None, source="verifier", tokens=0, gid=None):
+    return Candidate(task_id=1, text=text, score=score, correct=correct, source=source, tokens=tokens, generation_id=gid)
+
+
+PROMPTS = {1: "What is 2 + 3?", 2: "What is 4 + 4?"}
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ("the answer is 5", "the answer is 5", 1.0),
+    ("the answer is 5", "The Answer is 5", 1.0),
+    ("a b c d", "e f g h", 0.0),
+    ("a b c d", "a b x d", 0.75),
+    ("", "", 1.0),
+    ("", "x", 0.0),
+])
+def test_similarity_table(a, b, expected):
+    assert similarity(a, b) == pytest.approx(expected)
+
+
+def test_similarity_early_exit_only_below_threshold():
+    assert similarity("a b c d", "a b x d", at_least=0.9) == 0.0
+    assert similarity("a b c d", "a b c d", at_least=0.9) == 1.0
+
+
+CASES = [
+    # strategy, candidates, expected (chosen, rejected) list
+    ("verified_chosen",
+     [C("it is 5", 1.0, True), C("it is 6", 0.0, False), C("it is 7 I think", 0.0, False)],
+     [("it is 5", "it is 6"), ("it is 5", "it is 7 I think")]),
+    ("verified_chosen",  # partial credit is not correct: no chosen side
+     [C("it is 50", 0.5, False), C("it is 6", 0.0, False)], []),
+    ("verified_chosen",  # all correct: nothing to reject
+     [C("5", 1.0, True), C("five: 5", 1.0, True)], []),
+    ("best_vs_worst",
+     [C("x 5", 1.0, True), C("y 50", 0.5, False), C("z 6", 0.0, False)], [("x 5", "z 6")]),
+    ("best_vs_worst",  # margin below min_margin (0.5)
+     [C("x 5", 0.6), C("z 6", 0.3)], []),
+    ("all_above_margin",
+     [C("x 5", 1.0), C("y 50", 0.5), C("z 6", 0.0)], [("x 5", "z 6"), ("x 5", "y 50"), ("y 50", "z 6")]),
+    ("verified_chosen",  # exact duplicates collapse before pairing
+     [C("it is 5", 1.0, True), C("it  is 5", 1.0, True), C("it is 6", 0.0, False)], [("it is 5", "it is 6")]),
+    ("verified_chosen",  # near-identical sides are not a pair
+     [C("we add the two numbers and the sum of the two numbers is 5", 1.0, True),
+      C("we add the two numbers and the sum of the two numbers is 6", 0.0, False)], []),
+    ("verified_chosen",  # unscored (unparseable) candidates are ignored
+     [C("it is 5", 1.0, True), C("it is 6", None)], []),
+]
+
+
+@pytest.mark.parametrize("strategy,cands,expected", CASES)
+def test_build_pairs_table(strategy, cands, expected):
+    cfg = PairsConfig(strategy=strategy, max_pairs_per_task=4)
+    pairs = build_pairs({1: cands}, PROMPTS, cfg)
+    assert [(p.chosen, p.rejected) for p in pairs] == expected
+    for p in pairs:
+        assert p.prompt == PROMPTS[1] and p.margin >= cfg.min_margin and p.weight == 1.0
+
+
+def test_cap_and_diversity_first():
+    good = [C(f"answer {i} is 5", 1.0, True) for i in range(3)]
+    bad = [C(f"wrong {w} {i}", 0.0, False) for i, w in enumerate(["six", "seven", "eight"])]
+    pairs = build_pairs({1: good + bad}, PROMPTS, PairsConfig(max_pairs_per_task=3))
+    assert len(pairs) == 3
+    assert len({p.chosen for p in pairs}) == 3 and len({p.rejected for p in pairs}) == 3
+
+
+def test_length_match_drops_lopsided_pairs():
+    cands = [C("5", 1.0, True, tokens=2), C("no " * 20 + "6", 0.0, False, tokens=21), C("it is 6", 0.0, False, tokens=3)]
+    pairs = build_pairs({1: cands}, PROMPTS, PairsConfig(length_match=True, length_ratio_max=1.5))
+    assert [(p.chosen, p.rejected) for p in pairs] == [("5", "it is 6")]
+    assert len(build_pairs({1: cands}, PROMPTS, PairsConfig(length_match=False))) == 2
+
+
+def test_weights_by_source_and_verifier_outranks_judges():
+    # Task 1 has a verifier: judge-scored candidates of the same task are not used.
+    cands = [C("it is 5", 1.0, True), C("it is 6", 0.0, False), C("judge loves this", 1.0, None, "self"), C("meh", 0.0, None, "self")]
+    pairs = build_pairs({1: cands, 2: [C("eight", 0.9, None, "teacher"), C("nine", 0.1, None, "teacher")]},
+                        PROMPTS, PairsConfig(strategy="best_vs_worst"))
+    assert [(p.task_id, p.chosen, p.source, p.weight) for p in pairs] == [
+        (1, "it is 5", "verifier", 1.0), (2, "eight", "teacher", 0.7)]
+
+
+def test_unknown_source_weight_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"pairs.weights has no weight for signal source 'oracle'"):
+        build_pairs({1: [C("a", 1.0, source="oracle"), C("b", 0.0, source="oracle")]}, PROMPTS, PairsConfig(strategy="best_vs_worst"))
+
+
+def test_duplicate_pairs_across_tasks_with_same_prompt_are_dropped():
+    cands = lambda: [C("it is 5", 1.0, True), C("it is 6", 0.0, False)]  # noqa: E731
+    pairs = build_pairs({1: cands(), 3: cands()}, {1: PROMPTS[1], 3: PROMPTS[1]}, PairsConfig())
+    assert len(pairs) == 1
+
+
+def test_candidate_from_verifier_outranks_judge():
+    c = candidate_from(1, "x", verifier_score=0.0, verifier_correct=False, judge_score=1.0)
+    assert (c.score, c.correct, c.source) == (0.0, False, "verifier")
+    c = candidate_from(1, "x", judge_score=0.8, judge_source="teacher")
+    assert (c.score, c.correct, c.source) == (0.8, None, "teacher")
+
+
+SFT_CASES = [
+    ("verified", [C("it is 5", 1.0, True), C("so it is 5", 1.0, True), C("6", 0.0, False)], ["it is 5", "so it is 5"]),
+    ("verified", [C("adding two and three gives five so the answer is 5 .", 1.0, True),
+                  C("adding two and three gives five so the answer is 5 !", 1.0, True)],
+     ["adding two and three gives five so the answer is 5 ."]),
+    ("verified", [C("50", 0.5, False)], []),
+    ("top", [C("a good one", 0.8, None, "self"), C("bad", 0.2, None, "self")], ["a good one"]),
+    ("top", [C("zero", 0.0, None, "self")], []),
+    ("none", [C("it is 5", 1.0, True)], []),
+]
+
+
+@pytest.mark.parametrize("sft_from,cands,expected", SFT_CASES)
+def test_build_sft_table(sft_from, cands, expected):
+    sft = build_sft({1: cands}, PROMPTS, PairsConfig(sft_from=sft_from, max_sft_per_task=2))
+    assert [e.completion for e in sft] == expected
+
+
+def test_sft_cap_prefers_shorter():
+    cands = [C("well, adding them gives 5", 1.0, True), C("5", 1.0, True), C("it is 5", 1.0, True)]
+    sft = build_sft({1: cands}, PROMPTS, PairsConfig(max_sft_per_task=2))
+    assert [e.completion for e in sft] == ["5", "it is 5"]
+    assert all(e.source == "verifier" for e in sft)
+
+
+def test_export_reads_back_as_trl_conversational(tmp_path):
+    from datasets import load_dataset
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    pairs = build_pairs({1: [C("it is 5", 1.0, True), C("it is 6", 0.0, False)]}, PROMPTS, PairsConfig())
+    sft = build_sft({1: [C("it is 5", 1.0, True)]}, PROMPTS, PairsConfig())
+    assert export_jsonl(pairs, tmp_path / "pairs.jsonl", system_prompt="Be brief.") == 1
+    assert export_sft_jsonl(sft, tmp_path / "sft.jsonl", system_prompt="Be brief.") == 1
+    dpo = load_dataset("json", data_files=str(tmp_path / "pairs.jsonl"), split="train")
+    lm = load_dataset("json", data_files=str(tmp_path / "sft.jsonl"), split="train")
+    assert set(dpo.column_names) == {"prompt", "chosen", "rejected"}
+    assert is_conversational(dpo[0]) and is_conversational(lm[0])
+    assert dpo[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}]
+
+    class Tok:  # ChatML, as the bundled student's template renders it
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kw):
+            s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    row = maybe_apply_chat_template(dpo[0], Tok())
+    assert row["prompt"].endswith("<|im_start|>assistant\n") and "it is 5" in row["chosen"] and "it is 6" in row["rejected"]
+    assert json.loads((tmp_path / "sft.jsonl").read_text())["messages"][-1] == {"role": "assistant", "content": "it is 5"}
+
+
+def test_pure_modules_import_nothing_heavy():
+    code = (
+        "import sys; import selfdistill.pairs, selfdistill.tasks.curriculum, selfdistill.scoring.health; "
+        "heavy = {'torch', 'vllm', 'transformers', 'peft', 'sqlite_utils', 'apscheduler', 'reasoning_gym'}; "
+        "print(sorted(heavy & set(m.split('.')[0] for m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
