@@ -250,7 +250,7 @@ def cmd_queries(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfdistill", description="Improve a small language model round after round, as a service.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="run `selfdistill COMMAND --help` for its options")
 
     def add(name: str, func, help_: str, policy: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -298,14 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?", default=None, help="query name (see the list)")
 
     data = sub.add_parser("data", help="training data commands", description="Training data commands.")
-    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND", help="what to do with the training data")
     sp = dsub.add_parser("export", help="write pairs and SFT examples as JSONL in TRL's formats", description="Write pairs (prompt/chosen/rejected) and SFT examples (messages) as JSONL, held-out tasks excluded.")
     sp.add_argument("policy", help="policy file (TOML)")
     sp.add_argument("out", help="output directory")
     sp.set_defaults(func=cmd_data_export)
 
     models = sub.add_parser("models", help="local model commands", description="Local model commands.")
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND", help="what to do with local models")
     sp = msub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face directory (once)", description="Convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face directory, once; a no-op when already prepared.")
     sp.add_argument("--cache-dir", default=None, help="where to put it (default $SELFDISTILL_CACHE or ~/.cache/selfdistill)")
     sp.add_argument("--force", action="store_true", help="convert again even if prepared")

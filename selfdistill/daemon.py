@@ -80,9 +80,15 @@ def base_model_dir(policy: Policy, prepare: bool = False) -> Path:
 
 def ingest_tasks(policy: Policy, store: Store, teacher=None) -> dict[str, Any]:
     """Read every non-expansion source into the store (idempotent by task key)."""
-    from selfdistill.tasks.sources import load_tasks
+    from selfdistill.tasks.sources import load_source
 
-    tasks, problems = load_tasks([s for s in policy.tasks.sources if s.type != "expansion"])
+    tasks, problems = [], []
+    for src in policy.tasks.sources:
+        if src.type == "expansion":
+            continue
+        got, probs = load_source(src)
+        tasks += got
+        problems += probs
     for p in problems:
         log("task source problem", logging.WARNING, problem=p)
         store.event("task_problem", p, level="warning")

@@ -1,0 +1,63 @@
+"""Local models: the bundled student converted from its GGUF, and the tiny model builder."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from selfdistill.models import BUNDLED_DIRNAME, build_tiny_model, is_model_dir, prepare_bundled, resolve_base_model
+
+from conftest import run_cli
+
+
+def test_bundled_student_is_prepared_once_and_speaks(bundled_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert bundled_model_dir.name == BUNDLED_DIRNAME and is_model_dir(bundled_model_dir)
+    t = time.time()
+    assert prepare_bundled() == bundled_model_dir  # no-op when prepared
+    assert time.time() - t < 1.0
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir)
+    assert tok.chat_template and tok.pad_token is not None
+    model = AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32)
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text, text
+
+
+def test_models_prepare_cli_is_a_noop_when_prepared(bundled_model_dir):
+    r = run_cli("models", "prepare", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and str(bundled_model_dir) in r.stdout
+
+
+def test_tiny_model_builds_fast_with_chat_template(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = time.time()
+    out = build_tiny_model(tmp_path / "tiny", seed=1)
+    assert time.time() - t < 10
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "abc 12"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nabc 12<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text  # character-level, lossless
+    model = AutoModelForCausalLM.from_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] == 32  # vLLM's CPU attention needs >= 32
+    assert model.generate(**tok(text, return_tensors="pt"), max_new_tokens=4, do_sample=False).shape[1] == len(ids) + 4
+
+
+def test_resolve_base_model_errors(tmp_path):
+    import pytest
+
+    from selfdistill.errors import ModelError
+
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_base_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a model directory"):
+        resolve_base_model(str(tmp_path / "empty"))
