@@ -1,0 +1,174 @@
+"""Evaluation of one checkpoint through an Engine: held-out accuracy, the forgetting guard and
+sanity statistics, in the form the gate (`selfdistill.gates.decide`) consumes.
+
+- `evaluate_heldout` answers held-out tasks greedily (temperature 0, one answer each), so the
+  candidate and the incumbent answer the same items deterministically and can be compared item
+  by item.
+- `anchor_references` asks the base model (no adapter) for its greedy answers to the anchor
+  prompts, once; `anchor_nll` measures how likely a checkpoint still finds those answers (mean
+  per-token negative log-likelihood). A candidate that forgot general language makes the base's
+  own answers unlikely.
+- `sanity_stats` measures degeneration: empty answers, repeated 4-grams, length.
+- `pairwise_win_rate` runs an optional judge over candidate and incumbent answers in both orders.
+
+Knows nothing of the store: callers record `EvalResult.items` and `EvalResult.metrics`.
+Imports no heavy library itself; the engine it is given does the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from selfdistill import stats
+from selfdistill.engines.base import Engine, Prompt, SamplingParams
+from selfdistill.errors import EngineError
+from selfdistill.gates import EvalMetrics, SanityStats
+from selfdistill.records import Task
+
+Verify = Callable[[str, Task], tuple[float, bool]]  # (answer text, task) -> (score, correct)
+PromptBuilder = Callable[[Task], Prompt]
+Judge = Callable[[Prompt, str, str], float]  # (prompt, first, second) -> P(first is better); 0.5 = tie
+
+
+@dataclass
+class EvalItem:
+    task_id: int
+    correct: bool
+    score: float
+    text: str
+    tokens: int
+
+
+@dataclass
+class EvalResult:
+    items: list[EvalItem]
+    categories: dict[int, str]  # task id -> category
+    metrics: dict[str, Any]  # JSON-ready: accuracy, ci_low, ci_high, n, per_category, sanity stats
+
+    def to_metrics(self, anchor_nll: float | None = None, win_rate: float | None = None) -> EvalMetrics:
+        """The gate's view of this evaluation."""
+        return EvalMetrics(
+            correct={it.task_id: it.correct for it in self.items},
+            categories=dict(self.categories),
+            sanity=SanityStats(
+                empty_fraction=self.metrics["empty_fraction"],
+                repetition=self.metrics["repetition"],
+                mean_length=self.metrics["mean_length"],
+            ),
+            anchor_nll=anchor_nll,
+            win_rate=win_rate,
+        )
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    # No per-request seed: greedy decoding needs none, and vLLM's CPU build crashes on them.
+    return SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+
+
+def evaluate_heldout(
+    engine: Engine,
+    adapter: str | None,
+    tasks: Sequence[Task],
+    verify: Verify,
+    prompt_builder: PromptBuilder,
+    max_tokens: int,
+) -> EvalResult:
+    """Answer every task greedily with `adapter` (None: the base) and verify each answer."""
+    if not tasks:
+        raise ValueError("no held-out tasks to evaluate: the store holds none (raise tasks.heldout_fraction)")
+    outs = engine.generate([prompt_builder(t) for t in tasks], greedy(max_tokens), adapter=adapter)
+    items = []
+    for task, (comp,) in zip(tasks, outs):
+        score, correct = verify(comp.text, task)
+        items.append(EvalItem(task.id, bool(correct), float(score), comp.text, comp.completion_tokens))
+    categories = {t.id: t.category for t in tasks}
+    return EvalResult(items=items, categories=categories, metrics=_metrics(items, categories))
+
+
+def _metrics(items: list[EvalItem], categories: dict[int, str]) -> dict[str, Any]:
+    def acc(group: list[EvalItem]) -> dict[str, Any]:
+        k = sum(it.correct for it in group)
+        lo, hi = stats.wilson_interval(k, len(group))
+        return {"n": len(group), "accuracy": k / len(group), "ci_low": lo, "ci_high": hi}
+
+    by_cat: dict[str, list[EvalItem]] = {}
+    for it in items:
+        by_cat.setdefault(categories[it.task_id], []).append(it)
+    sanity = sanity_stats([it.text for it in items], [it.tokens for it in items])
+    return {
+        **acc(items),
+        "per_category": {c: acc(g) for c, g in sorted(by_cat.items())},
+        "empty_fraction": sanity.empty_fraction,
+        "repetition": sanity.repetition,
+        "mean_length": sanity.mean_length,
+    }
+
+
+def repetition(text: str) -> float:
+    """Share of the word 4-grams of `text` that repeat an earlier one (0 for fewer than 4 words)."""
+    words = text.split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def sanity_stats(texts: Sequence[str], tokens: Sequence[int]) -> SanityStats:
+    """Empty share, mean 4-gram repetition and mean length (in tokens) of a set of answers."""
+    n = len(texts)
+    return SanityStats(
+        empty_fraction=sum(1 for t in texts if not t.strip()) / n,
+        repetition=sum(repetition(t) for t in texts) / n,
+        mean_length=sum(tokens) / n,
+    )
+
+
+def anchor_references(engine: Engine, anchor_prompts: Sequence[Prompt], max_tokens: int) -> list[str]:
+    """The base model's greedy answers to the anchor prompts (compute once, store, reuse)."""
+    outs = engine.generate(list(anchor_prompts), greedy(max_tokens), adapter=None)
+    refs = [c.text for (c,) in outs]
+    # Whitespace still has tokens to score; only answers with no text at all leave nothing.
+    if not any(refs):
+        raise EngineError(
+            f"the base model answered all {len(refs)} anchor prompts with nothing, so the forgetting "
+            "guard has nothing to measure: change evaluation.anchor_prompts or raise evaluation.anchor_max_tokens"
+        )
+    return refs
+
+
+def anchor_nll(engine: Engine, adapter: str | None, anchor_prompts: Sequence[Prompt], references: Sequence[str]) -> float:
+    """Mean per-token NLL of the base's reference answers under `adapter` (None: the base).
+
+    Token-weighted over all anchors, so a long answer counts for its length, as it does in
+    training.
+    """
+    scored = engine.score(list(anchor_prompts), list(references), adapter=adapter)
+    n = sum(k for _, k in scored)
+    if n == 0:
+        raise EngineError("the anchor references have no tokens: recompute them with anchor_references()")
+    return -sum(lp for lp, _ in scored) / n
+
+
+@dataclass
+class PairwiseResult:
+    win_rate: float  # candidate's mean preference over both orders (0.5 = no difference)
+    position_flip_rate: float  # share of items where the verdict followed the position, not the answer
+    n: int
+
+
+def pairwise_win_rate(
+    judge: Judge, prompts: Sequence[Prompt], candidate_texts: Sequence[str], incumbent_texts: Sequence[str]
+) -> PairwiseResult:
+    """Judge candidate against incumbent on each item, in both orders (against position bias)."""
+    if not (len(prompts) == len(candidate_texts) == len(incumbent_texts)) or not prompts:
+        raise ValueError(
+            f"pairwise judging needs the same, non-zero number of prompts and answers "
+            f"(got {len(prompts)}, {len(candidate_texts)}, {len(incumbent_texts)})"
+        )
+    wins, flips = 0.0, 0
+    for p, c, i in zip(prompts, candidate_texts, incumbent_texts):
+        first = judge(p, c, i)  # candidate shown first
+        second = 1.0 - judge(p, i, c)  # candidate shown second, as P(candidate is better)
+        wins += (first + second) / 2
+        # the same position won both times: the verdict tracked the position
+        flips += (first > 0.5 and second < 0.5) or (first < 0.5 and second > 0.5)
+    return PairwiseResult(win_rate=wins / len(prompts), position_flip_rate=flips / len(prompts), n=len(prompts))
