@@ -70,40 +70,44 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _mount(libc, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+def _mount(libc, source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None = None) -> None:
+    if libc.mount(source, target, fstype, flags, data) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+        raise OSError(err, f"mount {target.decode()}: {os.strerror(err)}")
 
 
-def _isolating_preexec(uid: int, prefix: str, workdir: str, hide: list[str], cpu_s: int, memory_bytes: int, fsize_bytes: int):
-    """The function the child runs between fork and exec (as root); everything here is async-signal-safe enough for a fresh child."""
+def _isolating_preexec(uid: int, prefix: str, hide: list[str], cpu_s: int, memory_bytes: int, fsize_bytes: int):
+    """The function the child runs between fork and exec, as root.
+
+    The daemon has threads (vLLM), so the child must not take locks another thread might have
+    held at fork time: libc is loaded and every path encoded here, in the parent.
+    """
+    libc = _libc()
+    tmp, py_root, work = _MOUNT_ROOT.encode(), os.path.join(_MOUNT_ROOT, "python").encode(), _WORK.encode()
+    prefix_b = prefix.encode()
+    hidden = [h.encode() for h in hide if os.path.isdir(h)]
+    ro = _MS_RDONLY | _MS_NOSUID | _MS_NODEV
 
     def pre() -> None:
-        libc = _libc()
         if libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"unshare: {os.strerror(err)}")
-        _mount(libc, "none", "/", None, _MS_REC | _MS_PRIVATE)
-        _mount(libc, "tmpfs", _MOUNT_ROOT, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
-        py_root = os.path.join(_MOUNT_ROOT, "python")
+            raise OSError(ctypes.get_errno(), "unshare")
+        _mount(libc, b"none", b"/", None, _MS_REC | _MS_PRIVATE)
+        _mount(libc, b"tmpfs", tmp, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=64k,mode=0755")
         os.mkdir(py_root)
-        _mount(libc, prefix, py_root, None, _MS_BIND | _MS_REC)
-        _mount(libc, None, py_root, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+        _mount(libc, prefix_b, py_root, None, _MS_BIND | _MS_REC)
+        _mount(libc, None, py_root, None, _MS_REMOUNT | _MS_BIND | ro)
         # The real workdir sits under the /tmp just hidden; bind it into view as the only writable place.
-        os.mkdir(_WORK)
-        _mount(libc, ".", _WORK, None, _MS_BIND)  # cwd is still the real workdir
-        _mount(libc, None, _MOUNT_ROOT, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
-        for path in hide:
-            if os.path.isdir(path):
-                _mount(libc, "tmpfs", path, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "size=4k,mode=0555")
+        os.mkdir(work)
+        _mount(libc, b".", work, None, _MS_BIND)  # cwd is still the real workdir
+        _mount(libc, None, tmp, None, _MS_REMOUNT | ro)
+        for path in hidden:
+            _mount(libc, b"tmpfs", path, b"tmpfs", ro, b"size=4k,mode=0555")
         _set_limits(cpu_s, memory_bytes, fsize_bytes)
         resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-        os.chdir(_WORK)
+        os.chdir(work)
 
     return pre
 
@@ -158,7 +162,7 @@ def run_python(
             raise RuntimeError(f"{interpreter}: interpreter is not under sys.base_prefix {prefix}; the sandbox cannot mount it")
         argv = [os.path.join(_MOUNT_ROOT, "python", os.path.relpath(interpreter, prefix)), "-I", "-S", "main.py"]
         hidden = [str(Path(p).resolve()) for p in (*_DEFAULT_HIDE, *hide)]
-        preexec = _isolating_preexec(uid, prefix, str(workdir), hidden, cpu, mem, fsize)
+        preexec = _isolating_preexec(uid, prefix, hidden, cpu, mem, fsize)
     else:
         isolation = "rlimits"
         notes.append("not root: no network namespace, no hidden paths, RLIMIT_NPROC not applied")

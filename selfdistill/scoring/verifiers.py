@@ -137,9 +137,7 @@ def _numeric(tol: float) -> VerifierFn:
         want = _as_number(ref)
         if want is None:
             raise VerifierError(f"task {task.id}: verifier 'numeric' needs a numeric answer, got {ref!r}")
-        numbers = _NUMBER.findall(answer_text.replace(",", ""))
-        tags = _TAG.findall(answer_text)
-        got = tags[-1].strip() if tags else (numbers[-1] if numbers else None)
+        got = extract_answer(answer_text, ref)
         value = _as_number(got)
         return _result(value is not None and math.isclose(value, want, rel_tol=tol, abs_tol=tol), got)
 
