@@ -281,10 +281,8 @@ class Cycle:
             if phase == "done" or rnd["status"] != "running":
                 return rnd
             t0 = time.time()
-            try:
-                getattr(self, f"phase_{phase}")(rnd, t0)
-            except StopRequested:
-                raise
+            _test_delay(phase, self.run.warm_stop)
+            getattr(self, f"phase_{phase}")(rnd, t0)
             self.check_stop()
 
     def finish(self, rid: int, started: float, phase: str, counts: dict[str, Any], *, decision: str | None = None,
@@ -601,12 +599,14 @@ class Cycle:
         adapter = self.adapter_for(ckpt_id)
         if ev is None:
             def verify(text: str, task: Task):
-                v = resolve_verifier(task, self.policy.tasks.default_verifier)
+                v = resolve_verifier(task, self.policy.tasks.default_verifier, self.policy.scoring, (str(self.state_dir),))
+                if v is None:
+                    raise SelfdistillError(f"held-out task {task.id} has no verifier: give it an answer or a verifier, or set tasks.default_verifier")
                 r = v(text, task)
                 return r.score, r.correct
 
-            res = evaluate_heldout(self.engine, adapter, tasks, verify, self.messages, self.policy.evaluation.max_tokens, self.policy.generation.seed)
-            self.store.add_evaluation(ckpt_id, "heldout", res.metrics, res.items, round_id)
+            res = evaluate_heldout(self.engine, adapter, tasks, verify, self.messages, self.policy.evaluation.max_tokens)
+            self.store.add_evaluation(ckpt_id, "heldout", res.metrics, [dataclasses.asdict(i) for i in res.items], round_id)
         if anc is None:
             refs = self.anchor_refs()
             nll = anchor_nll(self.engine, adapter, [chat_messages(p, self.policy.student.system_prompt) for p in self.policy.evaluation.anchor_prompts], refs)
@@ -660,15 +660,16 @@ class Cycle:
     # decide ----------------------------------------------------------------------------------
 
     def phase_decide(self, rnd: dict, t0: float) -> None:
-        from selfdistill.gates import decide, eval_metrics_from
+        from selfdistill.gates import decide
 
         rid = rnd["id"]
         inc, cand = rnd["incumbent_id"], rnd["candidate_id"]
-        ids = [t.id for t in self.heldout_tasks()]
-        cats = {t.id: (t.category or "") for t in self.heldout_tasks()}
-        inc_ev = {"heldout": self.store.latest_evaluation(inc, "heldout", ids), "anchors": self.store.latest_evaluation(inc, "anchors")}
-        cand_ev = {"heldout": self.store.latest_evaluation(cand, "heldout", ids), "anchors": self.store.latest_evaluation(cand, "anchors")}
-        d = decide(eval_metrics_from(cand_ev, cats), eval_metrics_from(inc_ev, cats), self.policy.gates)
+        tasks = self.heldout_tasks()
+        cats = {t.id: (t.category or "") for t in tasks}
+        ids = [t.id for t in tasks]
+        base_anchor = self.store.latest_evaluation("base", "anchors")
+        d = decide(self.gate_metrics(cand, ids, cats), self.gate_metrics(inc, ids, cats), self.policy.gates,
+                   base_anchor_nll=base_anchor["metrics"]["nll"] if base_anchor else None)
         decision = "promote" if d.promote else "reject"
         with self.store.transaction():
             self.store.merge_round_metrics(rid, _jsonable(d.numbers))
@@ -688,11 +689,31 @@ class Cycle:
         if not d.promote:
             self.drop_adapter(cand)
 
+    def gate_metrics(self, ckpt_id: str, ids: list[int], cats: dict[int, str]):
+        """The gate's view of a checkpoint's stored evaluations."""
+        from selfdistill.gates import EvalMetrics, SanityStats
+
+        ev = self.store.latest_evaluation(ckpt_id, "heldout", ids)
+        if ev is None:
+            raise SelfdistillError(f"checkpoint {ckpt_id} has no held-out evaluation on the current items; the evaluate phase must run first")
+        anc = self.store.latest_evaluation(ckpt_id, "anchors")
+        m = ev["metrics"]
+        return EvalMetrics(
+            correct={it["task_id"]: bool(it["correct"]) for it in ev["items"]},
+            sanity=SanityStats(empty_fraction=m["empty_fraction"], repetition=m["repetition"], mean_length=m["mean_length"]),
+            categories=cats,
+            anchor_nll=anc["metrics"]["nll"] if anc else None,
+        )
+
     # promote ---------------------------------------------------------------------------------
 
     def phase_promote(self, rnd: dict, t0: float) -> None:
+        from selfdistill.checkpoints import checkpoint_path, verify_adapter_dir
+
         rid = rnd["id"]
         cand = rnd["candidate_id"]
+        # a vanished or damaged candidate must fail before the store records anything
+        verify_adapter_dir(checkpoint_path(self.state_dir, cand))
         with self.store.transaction():
             self.store.commit_promotion(cand, f"round {rid}: gates passed", rid)
             self.store.record_phase(rid, "promote", t0, {}, "done")
@@ -733,6 +754,19 @@ class Cycle:
             self.store.event("repair", f"current pointer repaired: {repaired}", level="warning")
             log("current pointer repaired", logging.WARNING, detail=repaired)
         cleanup_temp_dirs(self.state_dir)
+
+
+def _test_delay(phase: str, interrupt: threading.Event) -> None:
+    """Test hook: SELFDISTILL_TEST_DELAY="generate:30,train:5" sleeps at the start of those phases,
+    so a test can signal or kill the daemon while a given phase is in flight."""
+    spec = os.environ.get("SELFDISTILL_TEST_DELAY")
+    if not spec:
+        return
+    for part in spec.split(","):
+        name, _, secs = part.partition(":")
+        if name == phase:
+            log("test delay", phase=phase, seconds=float(secs))
+            interrupt.wait(float(secs))  # a warm stop cuts the artificial delay short, not the phase
 
 
 def in_windows(windows, now: time.struct_time) -> bool:
@@ -867,21 +901,26 @@ class Daemon:
         self.run_state.housekeeping_requested = True
 
     def _cycle_job(self) -> None:
-        """One scheduled pass: upkeep if asked, then one round. Never overlaps itself."""
+        """One scheduled pass: rounds back to back (upkeep in between when asked) until a round
+        only collected data without training, or the run stops. Never overlaps itself; the
+        scheduler starts the next pass `schedule.idle_sleep_s` later."""
         if self.done.is_set():
             return
         cyc = self.cycle
         try:
-            if self.run_state.housekeeping_requested:
-                self.run_state.housekeeping_requested = False
-                cyc.housekeeping()
-            if self.run_state.eval_requested:
-                self.run_state.eval_requested = False
-                cur = cyc.current_id()
-                ev = cyc.evaluate_checkpoint(cur, None)
-                log("incumbent evaluated", checkpoint=cur, accuracy=ev["heldout"]["metrics"].get("accuracy"))
-            cyc.run_round()
-            cyc.check_stop()
+            while True:
+                if self.run_state.housekeeping_requested:
+                    self.run_state.housekeeping_requested = False
+                    cyc.housekeeping()
+                if self.run_state.eval_requested:
+                    self.run_state.eval_requested = False
+                    cur = cyc.current_id()
+                    ev = cyc.evaluate_checkpoint(cur, None)
+                    log("incumbent evaluated", checkpoint=cur, accuracy=ev["heldout"]["metrics"].get("accuracy"))
+                rnd = cyc.run_round()
+                cyc.check_stop()
+                if rnd["decision"] == "collect" and not self.burst:
+                    return  # idle until the scheduler's next pass (or a training trigger)
         except StopRequested as e:
             log("stopping", reason=str(e))
             self.done.set()
@@ -921,6 +960,8 @@ class Daemon:
         from selfdistill.models import offline_env
 
         offline_env()
+        # APScheduler warns on every skipped overlapping run: that is the design here, not news.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         store = open_state(self.policy)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
@@ -936,7 +977,7 @@ class Daemon:
                 job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             )
             self._schedule_jobs()
-            interval = 0.01 if self.burst else max(self.policy.schedule.idle_sleep_s, 0.01)
+            interval = max(self.policy.schedule.idle_sleep_s, 0.01)
             from apscheduler.triggers.interval import IntervalTrigger
 
             self.scheduler.add_job(self._cycle_job, IntervalTrigger(seconds=interval), id="cycle", next_run_time=_now_dt())
@@ -1002,23 +1043,29 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
 
 
 def force_promote(policy: Policy, ckpt_id: str, reason: str) -> None:
-    from selfdistill.checkpoints import switch_current, verify_adapter_dir
+    from selfdistill import checkpoints
 
     store = Store.open(policy.state_dir / DB_NAME)
     try:
-        row = store.checkpoint(ckpt_id)
-        if row is None:
+        if store.checkpoint(ckpt_id) is None:
             raise CheckpointError(f"no checkpoint {ckpt_id}; `selfdistill status` lists them")
-        if ckpt_id != "base":
-            verify_adapter_dir(Path(row["path"]))
-        store.commit_promotion(ckpt_id, f"forced: {reason}", kind="forced_promote")
-        switch_current(policy.state_dir, ckpt_id)
+        checkpoints.promote(_Forced(store), policy.state_dir, ckpt_id, reason)
     finally:
         store.close()
 
 
+class _Forced:
+    """The store as checkpoints.PromotionStore for a forced promotion (recorded as such)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def commit_promotion(self, ckpt_id: str, reason: str) -> str:
+        return self.store.commit_promotion(ckpt_id, f"forced: {reason}", kind="forced_promote")
+
+
 def rollback(policy: Policy, to: str | None, reason: str) -> str:
-    from selfdistill.checkpoints import switch_current, verify_adapter_dir
+    from selfdistill import checkpoints
 
     store = Store.open(policy.state_dir / DB_NAME)
     try:
@@ -1030,15 +1077,9 @@ def rollback(policy: Policy, to: str | None, reason: str) -> str:
             to = parent if parent and store.checkpoint(parent) and store.checkpoint(parent)["status"] in ("promoted", "base") else (chain[-1] if chain else None)
             if to is None:
                 raise CheckpointError(f"{cur} has no previous promoted checkpoint to roll back to")
-        row = store.checkpoint(to)
-        if row is None:
+        if store.checkpoint(to) is None:
             raise CheckpointError(f"no checkpoint {to}; `selfdistill status` lists them")
-        if to != "base":
-            verify_adapter_dir(Path(row["path"]))
-        store.commit_promotion(to, f"rollback from {cur}: {reason}", kind="rollback")
-        if cur != "base":
-            store.set_checkpoint_status(cur, "rejected", f"rolled back: {reason}")
-        switch_current(policy.state_dir, to)
+        checkpoints.rollback(store, policy.state_dir, to, reason)
         return to
     finally:
         store.close()

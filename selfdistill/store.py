@@ -540,8 +540,9 @@ class Store:
         with self.transaction():
             self.execute("UPDATE checkpoints SET status = ?, reason = coalesce(?, reason) WHERE id = ?", (status, reason, ckpt_id))
 
-    def commit_promotion(self, ckpt_id: str, reason: str, round_id: int | None = None, kind: str = "promote") -> None:
-        """The one transaction of a promotion (or rollback): current moves to ckpt_id, the event is logged."""
+    def commit_promotion(self, ckpt_id: str, reason: str, round_id: int | None = None, kind: str = "promote") -> str:
+        """The one transaction of a promotion (or rollback): current moves to ckpt_id, the event is
+        logged; returns the id that was current (checkpoints.PromotionStore)."""
         with self.transaction():
             row = self.execute("SELECT status FROM checkpoints WHERE id = ?", (ckpt_id,)).fetchone()
             if row is None:
@@ -558,6 +559,16 @@ class Store:
                 (_now(), round_id, kind, f"{kind}: {prev[0] if prev else None} -> {ckpt_id}: {reason}",
                  _j({"from": prev[0] if prev else None, "to": ckpt_id})),
             )
+            if kind == "rollback" and prev and prev[0] not in ("base", ckpt_id):
+                self.execute("UPDATE checkpoints SET status = 'rejected', reason = ? WHERE id = ?", (f"rolled back: {reason}", prev[0]))
+            return prev[0] if prev else "base"
+
+    def commit_rollback(self, to_id: str, reason: str) -> str:
+        """Serve `to_id` again (checkpoints.PromotionStore); the checkpoint left is marked rejected."""
+        row = self.checkpoint(to_id)
+        if row is None or row["status"] not in ("base", "promoted"):
+            raise StoreError(f"cannot roll back to {to_id}: only the base or an earlier promoted checkpoint can be served again")
+        return self.commit_promotion(to_id, reason, kind="rollback")
 
     def promoted_chain(self) -> list[str]:
         """Promoted checkpoints, oldest first (the base first)."""
