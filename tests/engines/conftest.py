@@ -1,0 +1,144 @@
+"""Fixtures of the engine tests: models and adapters built locally once per session, and each
+engine started once per session (importing vLLM costs ~9 s, starting it ~3-5 s)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from selfdistill.config import EngineConfig
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+TINY_CFG = dict(dtype="float32", max_model_len=256, cpu_kv_cache_gib=0.25, batch_size=16, threads=1)
+STUDENT_CFG = dict(dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.5, batch_size=16, threads=1)
+LORA_RANK = 8
+
+
+def sharpen_tiny(out: Path, seed: int, **kw) -> Path:
+    """A tiny model whose weights are large enough that greedy text depends on the prompt.
+
+    build_tiny_model's initialisation (std 0.02) gives near-uniform logits: every prompt then
+    greedily repeats one character, which would make agreement between engines a weak test.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfdistill.models import build_tiny_model
+
+    build_tiny_model(out, seed=seed, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.15))
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int, r: int = LORA_RANK, scale: float = 0.3) -> Path:
+    """A peft LoRA on all block linears with random non-zero B (no training), saved to `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return sharpen_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory) -> Path:
+    """A different base (hidden 32): adapters made on it must be refused by a tiny-model engine."""
+    return sharpen_tiny(tmp_path_factory.mktemp("other") / "model", seed=1, hidden_size=32, num_heads=1, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def student_dir() -> Path:
+    from selfdistill.models import prepare_bundled
+
+    return prepare_bundled()
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, tiny_dir, other_tiny_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    a = make_adapter(tiny_dir, root / "a", seed=1)
+    b = make_adapter(tiny_dir, root / "b", seed=2)
+    half = root / "half"
+    shutil.copytree(a, half)
+    (half / "adapter_model.safetensors").unlink()
+    wrong = make_adapter(other_tiny_dir, root / "wrong", seed=3)
+    # the same adapter with its recorded base pointing nowhere: only the shapes can tell
+    shapes_only = root / "wrong_shapes"
+    shutil.copytree(wrong, shapes_only)
+    cfg = (shapes_only / "adapter_config.json").read_text().replace(str(other_tiny_dir), "/nonexistent/base")
+    (shapes_only / "adapter_config.json").write_text(cfg)
+    return {"a": a, "b": b, "half": half, "wrong": wrong, "wrong_shapes": shapes_only}
+
+
+@pytest.fixture(scope="session")
+def student_adapter(tmp_path_factory, student_dir) -> Path:
+    return make_adapter(student_dir, tmp_path_factory.mktemp("sadapter") / "a", seed=4, scale=0.02)
+
+
+@pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny(tiny_dir, engine_cache):
+    from selfdistill.engines.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(tiny_dir, EngineConfig(**TINY_CFG), lora_rank=LORA_RANK, seed=0, cache_dir=engine_cache)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_dir):
+    from selfdistill.engines.hf import TransformersEngine
+
+    eng = TransformersEngine(tiny_dir, EngineConfig(kind="transformers", **TINY_CFG), seed=0)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_student(student_dir, engine_cache):
+    from selfdistill.engines.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(student_dir, EngineConfig(**STUDENT_CFG), lora_rank=LORA_RANK, seed=0, cache_dir=engine_cache)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def hf_student(student_dir):
+    from selfdistill.engines.hf import TransformersEngine
+
+    eng = TransformersEngine(student_dir, EngineConfig(kind="transformers", **STUDENT_CFG), seed=0)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(params=[pytest.param("vllm", marks=pytest.mark.vllm), "transformers"])
+def tiny_engine(request):
+    """Each local engine on the tiny model: the same tests run against every implementation."""
+    return request.getfixturevalue("vllm_tiny" if request.param == "vllm" else "hf_tiny")

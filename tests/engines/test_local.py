@@ -1,0 +1,136 @@
+"""One suite run against both in-process engines (vLLM, transformers) on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from selfdistill.config import EngineConfig
+from selfdistill.engines.base import AdapterRef, SamplingParams
+from selfdistill.errors import EngineError, ModelError
+
+CHAT = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(4)]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+
+
+def test_generate_n_samples_with_counts(tiny_engine):
+    out = tiny_engine.generate(CHAT + ["plain text prompt"], SamplingParams(n=3, temperature=1.0, max_tokens=12))
+    assert len(out) == 5 and all(len(cs) == 3 for cs in out)
+    for cs in out:
+        for c in cs:
+            assert c.prompt_tokens > 0
+            assert 1 <= c.completion_tokens <= 12
+            assert c.finish_reason in ("stop", "length")
+            assert (c.finish_reason == "length") == (c.completion_tokens == 12)
+            assert c.logprobs is None
+    # sampled at T=1 the three samples of a prompt differ
+    assert len({c.text for c in out[0]}) > 1
+    # the chat template is applied: a chat prompt is longer than its bare content
+    assert out[0][0].prompt_tokens > len(CHAT[0][0]["content"])
+
+
+def test_stop_string_cuts_the_text(tiny_engine):
+    full = tiny_engine.generate(CHAT[:1], GREEDY)[0][0].text
+    stop = full[3:5]
+    cut = tiny_engine.generate(CHAT[:1], SamplingParams(temperature=0.0, max_tokens=16, stop=(stop,)))[0][0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_logprobs_match_score(tiny_engine):
+    (c,), = tiny_engine.generate(CHAT[:1], SamplingParams(temperature=0.0, max_tokens=10, logprobs=True))
+    assert len(c.logprobs) == c.completion_tokens == 10
+    assert all(lp <= 0 for lp in c.logprobs)
+    (total, n), = tiny_engine.score(CHAT[:1], [c.text])
+    assert n == 10
+    assert total == pytest.approx(sum(c.logprobs), abs=1e-3)
+
+
+def test_score_orders_likely_above_unlikely(tiny_engine):
+    greedy = tiny_engine.generate(CHAT[:2], GREEDY)
+    texts = [cs[0].text for cs in greedy]
+    likely = tiny_engine.score(CHAT[:2], texts)
+    unlikely = tiny_engine.score(CHAT[:2], ["~" * len(t) for t in texts])
+    for (lp, n), (ulp, un) in zip(likely, unlikely):
+        assert n == un == 16
+        assert math.isfinite(lp) and lp > ulp
+    assert tiny_engine.score(CHAT[:1], [""]) == [(0.0, 0)]
+
+
+def test_adapter_versions_switch_without_restart(tiny_engine, adapters):
+    base = tiny_engine.generate(CHAT, GREEDY)
+    tiny_engine.load_adapter(AdapterRef("v1", str(adapters["a"])))
+    with_a = tiny_engine.generate(CHAT, GREEDY, adapter="v1")
+    tiny_engine.load_adapter(AdapterRef("v2", str(adapters["b"])))
+    with_b = tiny_engine.generate(CHAT, GREEDY, adapter="v2")
+    texts = lambda out: [cs[0].text for cs in out]  # noqa: E731
+    assert texts(with_a) != texts(base)
+    assert texts(with_b) != texts(with_a)
+    # the base is still served beside the adapters, and v1 still gives what it gave
+    assert texts(tiny_engine.generate(CHAT, GREEDY)) == texts(base)
+    assert texts(tiny_engine.generate(CHAT, GREEDY, adapter="v1")) == texts(with_a)
+    tiny_engine.drop_adapter("v1")
+    tiny_engine.drop_adapter("v2")
+    tiny_engine.drop_adapter("never-loaded")
+    with pytest.raises(EngineError, match="'v1' is not loaded"):
+        tiny_engine.generate(CHAT, GREEDY, adapter="v1")
+
+
+def test_same_name_new_path_serves_new_weights(tiny_engine, adapters):
+    # vLLM serves stale weights when an id is reused; the engine must hand out a fresh one
+    tiny_engine.load_adapter(AdapterRef("cur", str(adapters["a"])))
+    a = tiny_engine.generate(CHAT, GREEDY, adapter="cur")
+    tiny_engine.load_adapter(AdapterRef("cur", str(adapters["b"])))
+    b = tiny_engine.generate(CHAT, GREEDY, adapter="cur")
+    tiny_engine.drop_adapter("cur")
+    assert [cs[0].text for cs in a] != [cs[0].text for cs in b]
+
+
+@pytest.mark.parametrize(
+    "which,match",
+    [
+        ("half", "half-written adapter"),
+        ("wrong", "made for base model"),
+        ("wrong_shapes", "made for another base"),
+        ("missing", "adapter directory does not exist"),
+    ],
+)
+def test_bad_adapters_are_refused(tiny_engine, adapters, tmp_path, which, match):
+    path = adapters[which] if which != "missing" else tmp_path / "nope"
+    with pytest.raises(ModelError, match=match) as e:
+        tiny_engine.load_adapter(AdapterRef("bad", str(path)))
+    assert str(path) in str(e.value)
+    # the engine still works after a refusal
+    assert tiny_engine.generate(CHAT[:1], GREEDY)[0][0].completion_tokens == 16
+
+
+def test_too_long_prompt(tiny_engine):
+    with pytest.raises(EngineError, match="prompt 1 has 300 tokens, the engine's context is 256"):
+        tiny_engine.generate(["ok", "x" * 300], GREEDY)
+    with pytest.raises(EngineError, match="context is 256"):
+        tiny_engine.score(["ok"], ["y" * 300])
+
+
+def test_release_and_resume(tiny_engine, adapters):
+    tiny_engine.load_adapter(AdapterRef("kept", str(adapters["a"])))
+    before = tiny_engine.generate(CHAT, GREEDY, adapter="kept")
+    tiny_engine.release()
+    with pytest.raises(EngineError, match="released"):
+        tiny_engine.generate(CHAT, GREEDY)
+    tiny_engine.resume()
+    # adapters loaded before the release come back with the engine
+    assert tiny_engine.generate(CHAT, GREEDY, adapter="kept") == before
+    tiny_engine.drop_adapter("kept")
+
+
+@pytest.mark.parametrize("kind", [pytest.param("vllm", marks=pytest.mark.vllm), "transformers"])
+def test_bad_model_dirs(kind, tmp_path, engine_cache):
+    from selfdistill.engines import make_engine
+
+    cfg = EngineConfig(kind=kind)
+    with pytest.raises(ModelError, match="model directory does not exist"):
+        make_engine(cfg, tmp_path / "missing", lora_rank=8, cache_dir=engine_cache)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="not a model directory"):
+        make_engine(cfg, tmp_path, lora_rank=8, cache_dir=engine_cache)
