@@ -291,6 +291,8 @@ def _train_preference(spec, tok, model, rows, scratch, callbacks, incumbent_snap
 
 def save_adapter(model, out: Path) -> None:
     """Write the "default" adapter to a hidden sibling, fsync it, rename it to `out`."""
+    from safetensors import SafetensorError
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(str(tmp), selected_adapters=["default"])
@@ -304,8 +306,9 @@ def save_adapter(model, out: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
-        raise RoundFailed(f"cannot save the adapter to {out}: {e.strerror or e} (free disk space and retry)") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise RoundFailed(f"cannot save the adapter to {out}: {why} (free disk space and retry)") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
