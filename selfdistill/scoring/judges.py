@@ -209,3 +209,23 @@ def teacher_revise(
                                   margin=1.0 - (cand.score or 0.0), weight=weight, source="teacher_revise",
                                   rejected_gen_id=cand.generation_id))
     return out
+
+
+def anchor_verdicts(
+    verdicts: Sequence[PointwiseVerdict | PairwiseVerdict], reference: Sequence[bool]
+) -> list["AnchorVerdict"]:
+    """Judge verdicts on anchor items as `health.judge_health` takes them.
+
+    `reference[i]`: pointwise, whether answer i is right (verifier or teacher label); pairwise,
+    whether the right answer of pair i was passed as `a`.
+    """
+    from selfdistill.scoring.health import AnchorVerdict
+
+    out = []
+    for v, ref in zip(verdicts, reference, strict=True):
+        if isinstance(v, PointwiseVerdict):
+            out.append(AnchorVerdict(reference_good=ref, score=v.score))
+        else:
+            prefers = None if v.winner is None else (v.winner == "a") == ref
+            out.append(AnchorVerdict(prefers_good=prefers, position_biased=None if v.unparseable else v.position_biased, pairwise=True))
+    return out

@@ -160,3 +160,26 @@ def test_teacher_revise_makes_verified_chosen_side():
     p = pairs[0]
     assert (p.task_id, p.chosen, p.rejected, p.source, p.rejected_gen_id, p.weight) == (
         1, f"It is {tasks[0].answer}", wrong[0].text, "teacher_revise", 41, 0.7)
+
+
+def test_anchor_check_end_to_end_flags_a_position_biased_judge():
+    from selfdistill.scoring.health import judge_health
+    from selfdistill.scoring.judges import anchor_verdicts
+
+    items = [("2+3?", "it is 5", "it is 6"), ("2+3?", "it is 6", "it is 5")] * 3
+    good_is_a = [True, False] * 3
+    lazy = judge_pairwise(FakeEngine(lambda p: "Verdict: A"), items, CFG)
+    h = judge_health(anchor_verdicts(lazy, good_is_a), CFG)
+    assert not h.healthy and h.position_bias == 1.0
+
+    def content_judge(p):
+        a, _ = _answers_in(p)
+        return "Verdict: A" if "5" in a else "Verdict: B"
+
+    h = judge_health(anchor_verdicts(judge_pairwise(FakeEngine(content_judge), items, CFG), good_is_a), CFG)
+    assert h.healthy and h.agreement == 1.0 and h.position_bias == 0.0
+
+    pts = judge_pointwise(FakeEngine(lambda p: "Score: 9" if "it is 5" in p else "Score: 2"),
+                          [("2+3?", "it is 5"), ("2+3?", "it is 6")] * 2, CFG)
+    h = judge_health(anchor_verdicts(pts, [True, False] * 2), CFG)
+    assert h.healthy and h.distinct_scores == 2
