@@ -1,0 +1,95 @@
+"""Training throughput and round overhead, through the real child entry point.
+
+Runs `python -m selfdistill.training` via `run_training_child` (launcher "python") on the tiny
+test model and on the bundled student, and prints one JSON line per run plus a summary:
+SFT examples/s and tokens/s, DPO pairs/s and tokens/s, peak RSS, and the fixed overhead of a
+round (process start and imports, model load, data preparation, saving) as a share of its wall time.
+It then extrapolates the overhead share to demo-like settings (~100 SFT examples x 2 epochs +
+~50 pairs) from the measured rates and the measured fixed cost.
+
+    .venv/bin/python benchmarks/training.py [--models tiny,bundled] [--threads 2] [--out DIR]
+
+Prepare the bundled student first: `.venv/bin/python -c "from selfdistill.models import prepare_bundled; print(prepare_bundled())"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+
+def write_data(path: Path, n_sft: int, n_pairs: int) -> None:
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(max(n_sft, n_pairs)):
+            a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+            prompt = f"What is {a} + {b} + {c}? Give the answer as a number."
+            right = f"{a} + {b} + {c} = {a + b + c}. The answer is {a + b + c}."
+            wrong = f"{a} + {b} + {c} = {a + b + c + rng.randint(1, 5)}. The answer is {a + b + c + 1}."
+            if i < n_sft:
+                f.write(json.dumps({"kind": "sft", "prompt": prompt, "completion": right, "weight": 1.0}) + "\n")
+            if i < n_pairs:
+                f.write(json.dumps({"kind": "pair", "prompt": prompt, "chosen": right, "rejected": wrong, "weight": 1.0}) + "\n")
+
+
+def bench(name: str, base: Path, work: Path, n_sft: int, n_pairs: int, threads: int, batch_size: int, epochs: float) -> dict:
+    from selfdistill.training.child import run_training_child
+    from selfdistill.training.spec import RoundSpec
+
+    data = work / f"{name}.jsonl"
+    write_data(data, n_sft, n_pairs)
+    spec = RoundSpec(
+        round_id=1, base_model_dir=base, output_dir=work / "ckpt" / name, data_path=data,
+        training=dict(algorithm="sft_then_dpo", batch_size=batch_size, max_length=128, epochs=epochs, dpo_epochs=1.0,
+                      min_sft_examples=1, min_pairs=1),
+        lora=dict(r=16, alpha=32), result_path=work / "runs" / f"{name}.json", threads=threads, hf_home=work / "hf",
+    )
+    r = run_training_child(spec, time_limit_s=1800)
+    if r.status != "succeeded":
+        raise SystemExit(f"{name}: {r.status}: {r.reason}")
+    m = r.metrics
+    fixed = m["wall_s"] - m["sft_train_s"] - m["dpo_train_s"]
+    row = {
+        "run": name, "examples": n_sft, "epochs": epochs, "pairs": n_pairs, "batch_size": batch_size, "threads": threads,
+        "sft_examples_per_s": round(n_sft * epochs / m["sft_train_s"], 3),
+        "sft_tokens_per_s": round(m["sft_tokens"] / m["sft_train_s"], 1),
+        "dpo_pairs_per_s": round(n_pairs / m["dpo_train_s"], 3),
+        "dpo_tokens_per_s": round(m["dpo_tokens"] / m["dpo_train_s"], 1),
+        "peak_rss_mb": m["peak_rss_mb"],
+        "wall_s": m["wall_s"], "sft_train_s": m["sft_train_s"], "dpo_train_s": m["dpo_train_s"],
+        "start_and_imports_s": round(m["wall_s"] - m["duration_s"] + m["import_s"], 2),
+        "load_s": m["load_s"], "save_s": m["save_s"],
+        "fixed_s": round(fixed, 2), "overhead_share": round(fixed / m["wall_s"], 3),
+    }
+    # demo-like round: 100 examples x 2 epochs + 50 pairs at the measured rates, same fixed cost
+    demo_train = 100 * 2 / row["sft_examples_per_s"] + 50 / row["dpo_pairs_per_s"]
+    row["demo_overhead_share_est"] = round(fixed / (fixed + demo_train), 3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="tiny,bundled")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
+    args = ap.parse_args()
+    from selfdistill.models import BUNDLED_DIRNAME, build_tiny_model, default_cache_dir
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="selfdistill-bench-training-"))
+    rows = []
+    for model in args.models.split(","):
+        if model == "tiny":
+            base = build_tiny_model(work / "tiny-base")
+            rows.append(bench("tiny", base, work, 32, 16, args.threads, batch_size=8, epochs=1.0))
+        else:
+            base = default_cache_dir() / BUNDLED_DIRNAME
+            rows.append(bench("bundled", base, work, 32, 16, args.threads, batch_size=8, epochs=1.0))
+        print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
