@@ -240,12 +240,12 @@ class Cycle:
 
     def progress_snapshot(self, tasks_exhausted: bool = False) -> Progress:
         rounds = self.store.rounds()
-        mine = [r for r in rounds if r["started_at"] >= self.run.started - 1e-6]
-        trained = [r for r in rounds if r["decision"] in ("promote", "reject")]
+        mine = [r for r in rounds if (r["finished_at"] or 0) >= self.run.started]  # finished during this run, resumed ones too
+        trained = [r for r in rounds if r["decision"] in ("promote", "reject") and r["status"] != "running"]
         cur_eval = self.store.latest_evaluation(self.current_id(), "heldout")
         regress = sum(1 for r in trained if (r["metrics"] or {}).get("gain", 0) < 0)
         return Progress(
-            decided_rounds=sum(1 for r in mine if r["decision"] in DECIDED),
+            decided_rounds=sum(1 for r in mine if r["decision"] in DECIDED and r["status"] != "running"),
             wall_s=time.time() - self.run.started,
             generated_tokens=self.store.total_generated_tokens(),
             incumbent_accuracy=cur_eval["metrics"].get("accuracy") if cur_eval else None,
