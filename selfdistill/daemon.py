@@ -383,19 +383,21 @@ class Cycle:
         sc = self.policy.scoring
         score_rows: list[dict[str, Any]] = []
         stats: dict[int, list[float]] = {}
+        verdicts: dict[int, bool] = {}
         if sc.use_verifier:
             for g in gens:
                 t = tasks[g["task_id"]]
-                verify = resolve_verifier(t, self.policy.tasks.default_verifier)
+                verify = resolve_verifier(t, self.policy.tasks.default_verifier, sc, (str(self.state_dir),))
                 if verify is None:
                     continue
                 res = verify(g["text"], t)
+                verdicts[g["id"]] = bool(res.correct)
                 score_rows.append({"generation_id": g["id"], "scorer": f"verifier:{verify.name}", "score": res.score,
                                    "correct": res.correct, "details": res.details})
                 a = stats.setdefault(t.id, [0, 0.0])
                 a[0] += 1
                 a[1] += 1.0 if res.correct else 0.0
-        score_rows += self.judge_scores(rid, tasks, gens)
+        score_rows += self.judge_scores(rid, tasks, gens, verdicts)
         with self.store.transaction():
             self.store.add_scores(score_rows)
             self.store.update_task_stats({k: (int(v[0]), v[1]) for k, v in stats.items()})
@@ -405,19 +407,39 @@ class Cycle:
         self.say(rid, "score", scores=len(score_rows), correct=f"{n_correct}/{n_ver}",
                  pass_rate=round(n_correct / n_ver, 3) if n_ver else None)
 
-    def judge_scores(self, rid: int, tasks: dict[int, Task], gens: list[dict]) -> list[dict[str, Any]]:
-        """Self- and teacher-judge scores for the generations, where enabled and the judge is healthy."""
+    def judge_scores(self, rid: int, tasks: dict[int, Task], gens: list[dict], verdicts: dict[int, bool]) -> list[dict[str, Any]]:
+        """Self- and teacher-judge scores, from judges whose anchor check passed.
+
+        The check runs on this round's verifier-scored answers when the judge was never checked or
+        its last check is older than `recheck_every_rounds`; an unhealthy judge scores nothing.
+        """
+        from selfdistill.feedback import anchor_check, judge_scores
+
         sc = self.policy.scoring
         rows: list[dict[str, Any]] = []
+        prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
+        known = [{**g, "correct": verdicts.get(g["id"])} for g in gens]
         for who, cfg in (("self", sc.self_judge), ("teacher", sc.teacher_judge)):
             if not cfg.enabled:
                 continue
-            engine = self.engine if who == "self" else self.teacher
-            adapter = self.adapter_for(self.current_id()) if who == "self" else None
-            from selfdistill.scoring.judges import judge_generations
-
             try:
-                rows += judge_generations(engine, who, cfg, [(g["id"], self.prompt_text(tasks[g["task_id"]]), g["text"], g["task_id"]) for g in gens], adapter=adapter)
+                engine = self.engine if who == "self" else self.teacher
+                adapter = self.adapter_for(self.current_id()) if who == "self" else None
+                last = self.store.latest_judge_health(who)
+                if last is None or rid - (last["round_id"] or 0) >= cfg.recheck_every_rounds:
+                    h = anchor_check(engine, who, cfg, known, prompts, adapter, random.Random(rid))
+                    self.store.add_judge_health(who, h.healthy, h.agreement, h.position_bias, h.distinct_scores,
+                                                {"reasons": h.reasons, "n": h.n, "unparseable": h.unparseable}, rid)
+                    level = logging.INFO if h.healthy else logging.WARNING
+                    log("judge checked", level, round=rid, judge=who, healthy=h.healthy, agreement=h.agreement,
+                        position_bias=h.position_bias, reasons=h.reasons)
+                    if not h.healthy:
+                        self.store.event("judge_unhealthy", f"{who} judge stops contributing: {'; '.join(h.reasons)}", level="warning", round_id=rid)
+                    healthy = h.healthy
+                else:
+                    healthy = bool(last["healthy"])
+                if healthy:
+                    rows += judge_scores(engine, who, cfg, gens, prompts, adapter)
             except EngineError as e:
                 log("judge unavailable", logging.WARNING, round=rid, judge=who, error=str(e))
                 self.store.event("teacher_unavailable" if who == "teacher" else "judge_unavailable",
@@ -453,6 +475,23 @@ class Cycle:
         prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
         pairs = build_pairs(by_task, prompts, self.policy.pairs)
         sft = build_sft(by_task, prompts, self.policy.pairs)
+        sc = self.policy.scoring
+        if (sc.teacher_label or sc.teacher_revise) and self.policy.teacher is not None:
+            from selfdistill.engines.base import SamplingParams
+            from selfdistill.feedback import teacher_feedback
+
+            t = self.policy.teacher
+            try:
+                t_sft, t_pairs = teacher_feedback(
+                    self.teacher, tasks, by_task, label=sc.teacher_label, revise=sc.teacher_revise,
+                    params=SamplingParams(n=1, temperature=t.temperature, max_tokens=t.max_tokens),
+                    prompt_suffix=self.policy.tasks.prompt_suffix, system_prompt=self.policy.student.system_prompt,
+                    default_verifier=self.policy.tasks.default_verifier, weight=self.policy.pairs.weights.get("teacher", 1.0))
+                sft += t_sft
+                pairs += t_pairs
+            except EngineError as e:  # the teacher is down: keep going on verifier data
+                log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
+                self.store.event("teacher_unavailable", f"teacher labels skipped this round: {e}", level="warning", round_id=rid)
         with self.store.transaction():
             self.store.delete_training_data(rid)
             n_pairs, n_sft = self.store.add_training_data(rid, pairs, sft)
