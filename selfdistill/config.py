@@ -259,6 +259,7 @@ class TrainingConfig(_Model):
     time_limit_s: float = Field(3600.0, gt=0, description="The child is killed (whole process group) after this.")
     launcher: Literal["python", "accelerate", "torchrun"] = Field("python", description="How the child is started.")
     num_processes: int = Field(1, ge=1, description="Processes under accelerate/torchrun.")
+    accelerate_config: Path | None = Field(None, description="launcher='accelerate': an accelerate config file (DeepSpeed ZeRO-3, FSDP; see README).")
     threads: int | None = Field(None, ge=1, description="CPU threads of the child (none: library default).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     explode_grad_norm: float = Field(1e4, gt=0, description="Guard: a gradient norm above this fails the round.")
@@ -411,6 +412,8 @@ class Policy(_Model):
             p = getattr(s, "path", None)
             if p is not None and not p.is_absolute():
                 s.path = (base / p).resolve()
+        if self.training.accelerate_config is not None and not self.training.accelerate_config.is_absolute():
+            self.training.accelerate_config = (base / self.training.accelerate_config).resolve()
         if self.student.base_model != BUNDLED_STUDENT and self.student.base_model.startswith((".", "/")):
             self.student.base_model = str((base / self.student.base_model).resolve())
         return self

@@ -571,6 +571,7 @@ class Cycle:
         try:
             result = run_training_child(spec, launcher=tr.launcher, num_processes=tr.num_processes,
                                         time_limit_s=tr.time_limit_s, stop_event=self.run.cold_stop,
+                                        accelerate_config=tr.accelerate_config,
                                         on_start=self._child_started)
         finally:
             self.training_child_pid = None
