@@ -40,14 +40,14 @@ def sharpen_tiny(out: Path, seed: int, **kw) -> Path:
     return out
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int, r: int = LORA_RANK, scale: float = 0.3) -> Path:
-    """A peft LoRA on all block linears with random non-zero B (no training), saved to `out`."""
+def make_adapter(model_dir: Path, out: Path, seed: int, r: int = LORA_RANK, scale: float = 0.3, targets="all-linear") -> Path:
+    """A peft LoRA with random non-zero B (no training), saved to `out`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -94,7 +94,7 @@ def adapters(tmp_path_factory, tiny_dir, other_tiny_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def student_adapter(tmp_path_factory, student_dir) -> Path:
-    return make_adapter(student_dir, tmp_path_factory.mktemp("sadapter") / "a", seed=4, scale=0.02)
+    return make_adapter(student_dir, tmp_path_factory.mktemp("sadapter") / "a", seed=4, scale=0.02, targets=["q_proj", "v_proj"])
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,58 @@
+"""make_engine / make_teacher_engine pick by kind, and importing the package stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from selfdistill.config import EngineConfig, OpenAIEndpoint, TeacherConfig
+
+
+def test_import_is_light():
+    code = (
+        "import sys, selfdistill.engines, selfdistill.engines.base;"
+        "heavy = {'torch', 'vllm', 'transformers', 'peft', 'httpx'} & set(sys.modules);"
+        "print(sorted(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_factories_pick_by_kind(tiny_dir, engine_cache):
+    from selfdistill.engines import make_engine, make_teacher_engine
+    from selfdistill.engines.hf import TransformersEngine
+    from selfdistill.engines.openai_compat import OpenAIEngine
+
+    ep = OpenAIEndpoint(base_url="http://127.0.0.1:9/v1", model="m")
+    eng = make_engine(EngineConfig(kind="openai", server=ep), None, lora_rank=8, cache_dir=engine_cache)
+    assert isinstance(eng, OpenAIEngine)
+    eng.close()
+    eng = make_engine(EngineConfig(kind="transformers", dtype="float32"), tiny_dir, lora_rank=8, cache_dir=engine_cache)
+    assert isinstance(eng, TransformersEngine) and eng.max_model_len == 512  # capped by the model
+    eng.close()
+    teacher = make_teacher_engine(TeacherConfig(kind="openai", endpoint=ep), engine_cache)
+    assert isinstance(teacher, OpenAIEngine)
+    teacher.close()
+    teacher = make_teacher_engine(TeacherConfig(kind="transformers", model=str(tiny_dir)), engine_cache)
+    assert isinstance(teacher, TransformersEngine)
+    teacher.close()
+
+
+@pytest.mark.vllm
+def test_vllm_teacher_has_no_lora(tiny_dir, engine_cache, vllm_tiny):
+    from selfdistill.engines import make_teacher_engine
+    from selfdistill.engines.base import AdapterRef, SamplingParams
+    from selfdistill.errors import EngineError
+
+    teacher = make_teacher_engine(TeacherConfig(kind="vllm", model=str(tiny_dir)), engine_cache)
+    try:
+        # a second in-process vLLM engine starts and answers beside the student's
+        g = SamplingParams(temperature=0.0, max_tokens=8)
+        assert teacher.generate(["abc"], g)[0][0].completion_tokens == 8
+        assert vllm_tiny.generate(["abc"], g)[0][0].completion_tokens == 8
+        with pytest.raises(EngineError, match="started without LoRA"):
+            teacher.load_adapter(AdapterRef("x", str(tiny_dir)))
+    finally:
+        teacher.close()
