@@ -80,6 +80,7 @@ def main() -> None:
     from selfdistill.models import BUNDLED_DIRNAME, build_tiny_model, default_cache_dir
 
     work = args.out or Path(tempfile.mkdtemp(prefix="selfdistill-bench-training-"))
+    work.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models.split(","):
         if model == "tiny":
