@@ -113,3 +113,21 @@ def render_all(tokenizer, prompts: Sequence[Prompt], limit: int, room: int = 1) 
             )
         out.append(ids)
     return out
+
+
+def random_lora(model_dir: str | Path, out: str | Path, seed: int, r: int = 8, scale: float = 0.3, targets="all-linear") -> Path:
+    """A peft LoRA adapter with random non-zero B (no training) saved to `out`: for tests and
+    benchmarks, which need adapters that change the output without a training round."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(str(out))
+    return Path(out)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from selfdistill.config import EngineConfig
+from selfdistill.engines.local import random_lora as make_adapter
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -37,23 +38,6 @@ def sharpen_tiny(out: Path, seed: int, **kw) -> Path:
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.15))
     model.save_pretrained(str(out), safe_serialization=True)
-    return out
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int, r: int = LORA_RANK, scale: float = 0.3, targets="all-linear") -> Path:
-    """A peft LoRA with random non-zero B (no training), saved to `out`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    model.save_pretrained(str(out))
     return out
 
 
