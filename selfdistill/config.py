@@ -274,6 +274,10 @@ class TrainingConfig(_Model):
             raise ValueError(
                 f"got {len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss_type entries"
             )
+        free = [x for x in self.loss_type if x in ("simpo", "orpo")]
+        if free and len(self.loss_type) > 1:
+            # TRL runs these through their own trainers (CPO, ORPO), which cannot mix with DPO losses
+            raise ValueError(f"loss_type {free[0]!r} is reference-free and must be the only entry (got {self.loss_type})")
         return self
 
 

@@ -997,6 +997,11 @@ class Daemon:
         for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "hf/datasets")):
             os.environ.setdefault(var, str(self.policy.state_dir / "cache" / sub))
         os.environ.setdefault("TMPDIR", str(self.policy.state_dir / "tmp"))
+        # stderr carries the service's JSON lines: keep the libraries' text logs and progress bars
+        # out of it unless asked for (set these variables to override)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from selfdistill.models import offline_env
 
         offline_env()

@@ -53,6 +53,7 @@ BAD = [
     ({"tasks": {"heldout_fraction": 0.0}}, "tasks.heldout_fraction is 0 but gates.test needs held-out items"),
     ({"scoring": {"teacher_judge": {"enabled": True}}}, "no [teacher] table is given"),
     ({"training": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}}, "got 1 loss_weights for 2 loss_type entries"),
+    ({"training": {"loss_type": ["sigmoid", "simpo"]}}, "loss_type 'simpo' is reference-free and must be the only entry"),
     ({"evaluation": {"heldout_items": 3}}, "evaluation.heldout_items = 3 can never reach p < 0.05: at least 5 items are needed"),
     ({"gates": {"alpha": 0}}, "gates.alpha: Input should be greater than 0"),
 ]
