@@ -196,6 +196,27 @@ def decided(db: Path) -> int:
         return 0
 
 
+def _unwedge(work: Path, code: int, log: str) -> str:
+    """A restart that fails instead of resuming: record it and, for the one known case, do what an
+    operator would (remove a complete adapter directory the store never recorded) so the torture
+    can go on. Anything else is fatal."""
+    err = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    line = err[-1] if err else log[-500:]
+    if "checkpoint already exists" in line:
+        path = Path(line.split(": ")[1])
+        con = ro_connect(work / "state" / "selfdistill.db")
+        try:
+            known = con.execute("SELECT count(*) FROM checkpoints WHERE id = ?", (path.name,)).fetchone()[0]
+        finally:
+            con.close()
+        if not known and path.parent == work / "state" / "checkpoints":
+            import shutil
+
+            shutil.rmtree(path)
+            return f"exit {code}: {line} (unrecorded adapter removed by hand to go on)"
+    raise RuntimeError(f"daemon exited {code} and cannot be restarted:\n{log[-3000:]}")
+
+
 def torture(work: Path, model_dir: Path, *, rounds: int = 3, kills: int = 40, seed: int = 0,
             max_wait_s: float = 45.0, reap_orphans: bool = True, say=print) -> dict:
     """Kill the daemon `kills` times (fewer if the rounds finish first), then let it finish.
@@ -213,6 +234,7 @@ def torture(work: Path, model_dir: Path, *, rounds: int = 3, kills: int = 40, se
     lost_all: list[str] = []
     rewritten = 0
     orphans_seen = 0
+    wedges: list[str] = []
     t_start = time.time()
     while len(history) < kills and decided(db) < rounds:
         left = rounds - decided(db)
@@ -240,7 +262,7 @@ def torture(work: Path, model_dir: Path, *, rounds: int = 3, kills: int = 40, se
                 code = d.wait(5)
                 history.append({"target": target, "killed": False, "exit": code})
                 if code not in (0, 10):
-                    raise RuntimeError(f"daemon exited {code}:\n{d.stderr_path.read_text()[-3000:]}")
+                    wedges.append(_unwedge(work, code, d.stderr_path.read_text()))
                 continue
             before = snapshot(db) if db.exists() else None
             where = None
@@ -273,7 +295,7 @@ def torture(work: Path, model_dir: Path, *, rounds: int = 3, kills: int = 40, se
         d = DaemonProc(policy, "--max-rounds", str(rounds - decided(db)))
         code = d.wait(1200)
         if code not in (0, 10):
-            raise RuntimeError(f"final run exited {code}:\n{d.stderr_path.read_text()[-3000:]}")
+            wedges.append(_unwedge(work, code, d.stderr_path.read_text()))
     final = snapshot(db)
     # every committed row of every pre-kill snapshot must still be there at the end
     for i, s in enumerate(snaps):
@@ -294,6 +316,7 @@ def torture(work: Path, model_dir: Path, *, rounds: int = 3, kills: int = 40, se
         "lost": lost_all[:20],
         "rows_rewritten_by_unfinished_phases": rewritten,
         "orphaned_training_children": orphans_seen,
+        "wedges": wedges,
         "problems": checks["problems"],
         "current": checks["current"],
         "wall_s": round(time.time() - t_start, 1),

@@ -11,7 +11,9 @@ anchor check), and as a labeller it answers "The answer is 7". Other modes:
     malformed  200 with a body that is not JSON
     truncated  200 whose Content-Length promises more than is sent, then the socket closes
     garbage    200 with valid JSON that is not a completion ({"choices": "nope"})
-    chaos      each request draws one of the modes above or "ok" (seeded)
+    echo401    401 whose body echoes the request's Authorization header (a hostile or careless
+               server handing the key back, to see whether it reaches an error message)
+    chaos      every other request is one of the faults above, in turn; the rest are "ok"
 
 Every request's Authorization header is recorded in `auth_seen`, so a test can prove the key was
 really sent (and so really had a chance to leak).
@@ -20,14 +22,13 @@ really sent (and so really had a chance to leak).
 from __future__ import annotations
 
 import json
-import random
 import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ["down", "slow", "429", "500", "malformed", "truncated", "garbage"]
+FAULTS = ["down", "slow", "429", "500", "malformed", "truncated", "garbage", "echo401"]
 ANSWER_BLOCK = re.compile(r"\[ANSWER (\w+)\]\n(.*?)\n\[END ANSWER \1\]", re.S)
 
 
@@ -40,11 +41,9 @@ def sane_reply(messages: list[dict]) -> str:
 
 
 class FakeTeacher:
-    def __init__(self, mode: str = "ok", slow_s: float = 2.0, seed: int = 0, fault_share: float = 0.3):
+    def __init__(self, mode: str = "ok", slow_s: float = 2.0):
         self.mode = mode
         self.slow_s = slow_s
-        self.fault_share = fault_share
-        self.rng = random.Random(seed)
         self.auth_seen: list[str] = []
         self.served: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -63,11 +62,17 @@ class FakeTeacher:
                     outer.auth_seen.append(self.headers.get("authorization", ""))
                     mode = outer.mode
                     if mode == "chaos":
-                        mode = outer.rng.choice(FAULTS) if outer.rng.random() < outer.fault_share else "ok"
+                        # every other request a fault, in turn, so that each kind is served
+                        k = outer._count = getattr(outer, "_count", -1) + 1
+                        mode = FAULTS[(k // 2) % len(FAULTS)] if k % 2 == 0 else "ok"
                     outer.served[mode] = outer.served.get(mode, 0) + 1
-                outer._answer(self, mode, body)
+                outer._answer(self, mode, body, self.headers.get("authorization", ""))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # clients that gave up (timeouts) break pipes on purpose: not news
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -81,7 +86,7 @@ class FakeTeacher:
         self.server.shutdown()
         self.server.server_close()
 
-    def _answer(self, h: BaseHTTPRequestHandler, mode: str, body: dict) -> None:
+    def _answer(self, h: BaseHTTPRequestHandler, mode: str, body: dict, auth: str) -> None:
         def send(status: int, payload: bytes, headers: dict | None = None, length: int | None = None) -> None:
             h.send_response(status)
             h.send_header("Content-Type", "application/json")
@@ -102,6 +107,9 @@ class FakeTeacher:
             time.sleep(self.slow_s)
         if mode in ("429", "500"):
             send(int(mode), json.dumps({"error": {"message": f"fake {mode}"}}).encode(), {"Retry-After": "0"})
+            return
+        if mode == "echo401":
+            send(401, json.dumps({"error": {"message": f"invalid key in header: {auth}"}}).encode())
             return
         if mode == "malformed":
             send(200, b"{this is not json")
