@@ -4,7 +4,8 @@ and how many pairs and SFT examples one batch of tasks yields with the default p
 This picks the demo task: one where greedy is low but pass@k is clearly higher has both correct
 answers to learn from and wrong ones to reject.
 
-Run (about 5-10 minutes on a 2-core CPU with the vLLM CPU build):
+Run (vLLM CPU build, 2-core CPU: 1.5-7 minutes per configuration at 32-64 items, engine start
+1.5 minutes, depending on load; use --only and --items to fit a time budget):
     .venv/bin/python benchmarks/pass_at_k.py [--items 64] [--k 8] [--engine vllm|transformers]
 Prints one markdown table row per configuration, ready for benchmarks/RESULTS.md.
 """
