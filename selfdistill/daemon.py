@@ -332,16 +332,20 @@ class Cycle:
 
         for src in exp:
             engine = self.teacher if src.by == "teacher" else self.engine
-            seeds = self.store.tasks(split="train", limit=200)
+            seeds = [t for t in self.store.tasks(split="train") if src.seeds_from in ("all", t.source)][:200]
             known = [t.prompt for t in self.store.tasks()]
             try:
-                new = expand_tasks(engine, seeds, known, src, rng=random.Random(rid))
+                adapter = self.adapter_for(self.current_id()) if src.by == "student" else None
+                res = expand_tasks(engine, seeds, src, known, random.Random(rid), adapter=adapter,
+                                   system_prompt=self.policy.student.system_prompt if src.by == "student" else None)
             except EngineError as e:
                 log("expansion skipped", logging.WARNING, round=rid, error=str(e))
                 self.store.event("teacher_unavailable", f"expansion skipped: {e}", level="warning", round_id=rid)
                 continue
-            added, _ = self.store.add_tasks(new, self.policy.tasks.heldout_fraction)
-            self.store.event("expansion", f"{added} new tasks by {src.by}", round_id=rid, data={"added": added})
+            added, _ = self.store.add_tasks(res.tasks, self.policy.tasks.heldout_fraction)
+            log("tasks expanded", round=rid, by=src.by, asked=res.asked, added=added, rejected=dict(res.rejected))
+            self.store.event("expansion", f"{added} new tasks by {src.by}", round_id=rid,
+                             data={"added": added, "asked": res.asked, "rejected": dict(res.rejected)})
 
     # generate --------------------------------------------------------------------------------
 
@@ -449,28 +453,31 @@ class Cycle:
     # pair ------------------------------------------------------------------------------------
 
     def phase_pair(self, rnd: dict, t0: float) -> None:
-        from selfdistill.pairs import build_pairs, build_sft
+        from selfdistill.pairs import build_pairs, build_sft, candidate_from
 
         rid = rnd["id"]
         tasks = {t.id: t for t in self.store.round_tasks(rid)}
         scores = self.store.scores_for_round(rid, "train")
         unhealthy = self.unhealthy_judges()
-        by_task: dict[int, list[Candidate]] = {}
-        by_gen: dict[int, Candidate] = {}
-        for s in scores:
-            source = s["scorer"].split(":")[0]
+        # one candidate per generation from all its signals; candidate_from ranks them
+        # (a verifier's verdict always outranks a judge's; a teacher's outranks the student's own)
+        signals: dict[int, dict[str, Any]] = {}
+        for s_ in scores:
+            source = s_["scorer"].split(":")[0]
             if source in unhealthy:
                 continue
-            gid = s["generation_id"]
-            existing = by_gen.get(gid)
-            # the verifier outranks judges: a judge's score never replaces a verifier's verdict
-            if existing is not None and existing.source == "verifier":
-                continue
-            c = Candidate(task_id=s["task_id"], text=s["text"], score=s["score"],
-                          correct=None if s["correct"] is None else bool(s["correct"]),
-                          source=source, generation_id=gid, tokens=s["completion_tokens"])
-            by_gen[gid] = c
-        for c in by_gen.values():
+            sig = signals.setdefault(s_["generation_id"], {"row": s_})
+            if source == "verifier":
+                sig["verifier"] = (s_["score"], None if s_["correct"] is None else bool(s_["correct"]))
+            elif s_["score"] is not None and (source == "teacher" or "judge" not in sig):
+                sig["judge"] = (s_["score"], source)
+        by_task: dict[int, list[Candidate]] = {}
+        for gid, sig in signals.items():
+            row = sig["row"]
+            v_score, v_correct = sig.get("verifier", (None, None))
+            j_score, j_source = sig.get("judge", (None, "self"))
+            c = candidate_from(row["task_id"], row["text"], verifier_score=v_score, verifier_correct=v_correct,
+                               judge_score=j_score, judge_source=j_source, generation_id=gid, tokens=row["completion_tokens"])
             by_task.setdefault(c.task_id, []).append(c)
         prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
         pairs = build_pairs(by_task, prompts, self.policy.pairs)
