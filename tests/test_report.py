@@ -1,0 +1,53 @@
+"""The HTML report and the demo's summary table, from a store with two rounds in it."""
+
+from __future__ import annotations
+
+import re
+
+from selfdistill.config import parse_policy
+from selfdistill.records import TaskIn
+from selfdistill.report import print_summary, summary_rows, write_report
+from selfdistill.store import Store
+
+
+def _state(tmp_path):
+    policy = parse_policy({"name": "r", "state_dir": str(tmp_path), "tasks": {"sources": [{"type": "jsonl", "path": "x"}]}})
+    store = Store.create(tmp_path / "selfdistill.db")
+    store.ensure_base_checkpoint()
+    store.add_tasks([TaskIn("s", f"What is {i} + 1?", str(i + 1)) for i in range(20)], 1.0 - 1e-9)
+    held = store.tasks(split="heldout")
+    base_items = [{"task_id": t.id, "correct": i % 3 == 0, "score": 0.0, "text": f"maybe {i}", "tokens": 2} for i, t in enumerate(held)]
+    m = {"accuracy": 0.35, "ci_low": 0.18, "ci_high": 0.57, "n": len(held), "empty_fraction": 0, "repetition": 0, "mean_length": 2}
+    store.add_evaluation("base", "heldout", m, base_items)
+    for rid, decision in ((1, "promote"), (2, "reject")):
+        r = store.create_round("base" if rid == 1 else "ckpt-000001")
+        store.add_checkpoint(f"ckpt-00000{rid}", "base", r, str(tmp_path / f"c{rid}"), {})
+        items = [{"task_id": t.id, "correct": True, "score": 1.0, "text": str(t.id), "tokens": 1} for t in held]
+        store.add_evaluation(f"ckpt-00000{rid}", "heldout", dict(m, accuracy=0.9, ci_low=0.7, ci_high=0.97), items, r)
+        store.record_phase(r, "train", 0.0, {"sft": 4}, "done")
+        store.update_round(r, decision=decision, status="done", finished_at=1.0, candidate_id=f"ckpt-00000{rid}",
+                           metrics={"incumbent_accuracy": 0.35, "candidate_accuracy": 0.9, "incumbent_ci": [0.18, 0.57],
+                                    "candidate_ci": [0.7, 0.97], "p_value": 0.001}, reasons=["because"])
+        if decision == "promote":
+            store.commit_promotion(f"ckpt-00000{rid}", "test", r)
+    return policy, store
+
+
+def test_report_has_plots_rounds_and_samples(tmp_path):
+    policy, store = _state(tmp_path)
+    store.close()
+    out = write_report(policy)
+    html = out.read_text()
+    assert out == tmp_path / "reports" / "report.html"
+    assert len(re.findall(r"data:image/png;base64,[A-Za-z0-9+/]{200,}", html)) >= 3
+    assert "ckpt-000001" in html and "because" in html
+    assert "What is" in html and "maybe 1" in html  # sample answers of base and current side by side
+
+
+def test_summary_table(tmp_path, capsys):
+    policy, store = _state(tmp_path)
+    rows = summary_rows(store)
+    assert [r["checkpoint"] for r in rows] == ["base", "ckpt-000001"]
+    print_summary(policy, store)
+    out = capsys.readouterr().out
+    assert "base" in out and "0.350" in out and "0.900" in out and "decisions: #1 promote, #2 reject" in out
