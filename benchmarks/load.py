@@ -86,27 +86,40 @@ def reader(policy: str, db: str, seconds: float, kind: str, out: mp.Queue) -> No
                 con.execute("SELECT count(*), sum(completion_tokens) FROM generations").fetchone()
                 con.execute("SELECT scorer, avg(score) FROM scores GROUP BY scorer").fetchall()
                 con.close()
-            except sqlite3.OperationalError as e:
+            except sqlite3.Error as e:
                 locked += "locked" in str(e)
                 other += "locked" not in str(e)
+                out.put(("reader_error", f"sql: {e}"))
         else:
             args = ["status", policy, "--json"] if kind == "status" else ["report", policy]
             r = subprocess.run([sys.executable, "-m", "selfdistill", *args], capture_output=True, text=True, env=env)
-            text = r.stdout + r.stderr
-            locked += "locked" in text
-            other += r.returncode != 0 and "locked" not in text
+            # only a failed call counts: status output may well contain the word "locked" as data
             if r.returncode != 0:
-                out.put(("reader_error", text[-300:]))
+                locked += "locked" in r.stderr
+                other += "locked" not in r.stderr
+                out.put(("reader_error", r.stderr[-300:]))
         n += 1
     out.put(("reader", {"kind": kind, "calls": n, "locked": locked, "other_errors": other}))
 
 
 def _drain(q: mp.Queue, procs: list) -> list:
+    import queue
+
+    items = []
+    # read while they run (a child blocks on exit until its queued items are consumed), then
+    # whatever is left; Queue.empty() is not reliable across processes
+    while any(p.is_alive() for p in procs):
+        try:
+            items.append(q.get(timeout=0.5))
+        except queue.Empty:
+            pass
+    while True:
+        try:
+            items.append(q.get(timeout=1.0))
+        except queue.Empty:
+            break
     for p in procs:
         p.join()
-    items = []
-    while not q.empty():
-        items.append(q.get())
     return items
 
 

@@ -81,7 +81,8 @@ def snapshot(db: Path) -> dict[str, dict]:
             cur = {}
             for r in rows:
                 d = dict(r)
-                key = d.get("id", d.get("key")) if t != "round_tasks" else (d["round_id"], d["task_id"])
+                key = {"round_tasks": lambda: (d["round_id"], d["task_id"]), "eval_items": lambda: (d["evaluation_id"], d["task_id"]),
+                       "meta": lambda: d["key"]}.get(t, lambda: d["id"])()
                 frozen = {k: v for k, v in d.items() if k not in MUTABLE.get(t, set())}
                 cur[key] = (hashlib.sha1(json.dumps(frozen, sort_keys=True, default=str).encode()).hexdigest(), d)
             snap[t] = cur
