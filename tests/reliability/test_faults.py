@@ -74,23 +74,15 @@ def small_fs(tmp_path):
 
 
 def _fill(path: Path) -> None:
-    """Write zeros until the filesystem refuses (ENOSPC)."""
-    with open(path, "wb") as f:
-        chunk = b"\0" * (1 << 20)
+    """Write zeros until the filesystem refuses (ENOSPC), down to the last page."""
+    for name, chunk in ((path, 1 << 20), (path.with_suffix(".2"), 4096)):
         try:
-            while True:
-                f.write(chunk)
-                f.flush()
+            with open(name, "wb") as f:
+                while True:
+                    f.write(b"\0" * chunk)
+                    f.flush()
         except OSError:
-            pass
-    # small leftovers too: SQLite needs only a page to carry on
-    with open(path.with_suffix(".2"), "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass
+            pass  # full (the close may be what says so)
 
 
 def test_disk_full_pauses_with_a_clear_line_corrupts_nothing_and_resumes(small_fs, tiny_model_dir, daemon_factory):
@@ -109,7 +101,7 @@ def test_disk_full_pauses_with_a_clear_line_corrupts_nothing_and_resumes(small_f
     assert _q(policy, "SELECT phase, status FROM rounds WHERE id = 1")[0] == ("generate", "running")
     assert _q(policy, "SELECT count(*) FROM generations")[0][0] == 0
     filler.unlink()
-    filler.with_suffix(".2").unlink()
+    filler.with_suffix(".2").unlink(missing_ok=True)
     d.wait_for(lambda r: r.get("event") == "disk space is back: resuming", timeout=180)
     assert d.wait(600) == 0, d.stderr_path.read_text()[-3000:]
     assert _q(policy, "PRAGMA integrity_check")[0][0] == "ok"
