@@ -276,8 +276,23 @@ def retention(
     return deleted
 
 
+def discard_unrecorded(state_dir: str | os.PathLike[str], ckpt_id: str, recorded: bool) -> bool:
+    """Remove checkpoint `ckpt_id`'s directory if the store never recorded it (a trainer finished
+    its rename, then the daemon died before recording the result); returns whether it did.
+    A recorded checkpoint is immutable and never touched here."""
+    path = checkpoint_path(state_dir, ckpt_id)
+    if recorded or not path.exists():
+        return False
+    doomed = path.with_name(f"{ckpt_id}.discarded{TMP_SUFFIX}")
+    os.rename(path, doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed)
+    return True
+
+
 def cleanup_temp_dirs(state_dir: str | os.PathLike[str]) -> list[str]:
-    """Remove half-written `.tmp` entries a crash left in checkpoints/; return their names.
+    """Remove half-written entries a crash left in checkpoints/: `.tmp` names, and the hidden
+    (dot-named) scratch and staging directories of a killed trainer; return their names.
 
     Only safe while no trainer is writing: the daemon calls it at start-up, under its lock.
     """
@@ -286,7 +301,7 @@ def cleanup_temp_dirs(state_dir: str | os.PathLike[str]) -> list[str]:
         return []
     removed = []
     for entry in sorted(d.iterdir()):
-        if not entry.name.endswith(TMP_SUFFIX):
+        if not (entry.name.endswith(TMP_SUFFIX) or entry.name.startswith(".")):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

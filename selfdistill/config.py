@@ -332,7 +332,7 @@ class ScheduleConfig(_Model):
 
 
 class StoppingConfig(_Model):
-    max_rounds: int | None = Field(None, ge=1, description="Stop after this many decided rounds.")
+    max_rounds: int | None = Field(None, ge=1, description="Stop once this many rounds have been decided in this state directory (across restarts; `run --max-rounds` counts one run).")
     max_wall_s: float | None = Field(None, gt=0, description="Stop after this much wall-clock time in this run.")
     max_generated_tokens: int | None = Field(None, ge=1, description="Stop when generations have used this many tokens in total.")
     target_accuracy: float | None = Field(None, gt=0, le=1, description="Stop when the incumbent's held-out accuracy reaches this.")

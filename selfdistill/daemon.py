@@ -90,7 +90,7 @@ def ingest_tasks(policy: Policy, store: Store, teacher=None) -> dict[str, Any]:
         tasks += got
         problems += probs
     for p in problems:
-        log("task source problem", logging.WARNING, problem=p)
+        log(f"task source problem: {p}", logging.WARNING, problem=p)
         store.event("task_problem", p, level="warning")
     audit_fraction = 0.0
     added, existing = store.add_tasks(tasks, policy.tasks.heldout_fraction, audit_fraction)
@@ -244,8 +244,9 @@ class Cycle:
         trained = [r for r in rounds if r["decision"] in ("promote", "reject") and r["status"] != "running"]
         cur_eval = self.store.latest_evaluation(self.current_id(), "heldout")
         regress = sum(1 for r in trained if (r["metrics"] or {}).get("gain", 0) < 0)
+        self._decided_this_run = sum(1 for r in mine if r["decision"] in DECIDED and r["status"] != "running")
         return Progress(
-            decided_rounds=sum(1 for r in mine if r["decision"] in DECIDED and r["status"] != "running"),
+            decided_rounds=sum(1 for r in rounds if r["decision"] in DECIDED and r["status"] != "running"),
             wall_s=time.time() - self.run.started,
             generated_tokens=self.store.total_generated_tokens(),
             incumbent_accuracy=cur_eval["metrics"].get("accuracy") if cur_eval else None,
@@ -258,8 +259,8 @@ class Cycle:
 
     def stop_reason(self, tasks_exhausted: bool = False) -> tuple[str | None, bool]:
         p = self.progress_snapshot(tasks_exhausted)
-        if self.max_rounds is not None and p.decided_rounds >= self.max_rounds and not p.signal_received:
-            return f"--max-rounds: {p.decided_rounds} rounds decided", False
+        if self.max_rounds is not None and self._decided_this_run >= self.max_rounds and not p.signal_received:
+            return f"--max-rounds: {self._decided_this_run} rounds decided in this run", False
         reason = should_stop(p, self.policy.stopping)
         return reason, bool(reason) and not reason.startswith("signal")
 
@@ -537,23 +538,26 @@ class Cycle:
     # train -----------------------------------------------------------------------------------
 
     def phase_train(self, rnd: dict, t0: float) -> None:
-        from selfdistill.checkpoints import new_checkpoint_dir
-        from selfdistill.training.child import run_training_child
+        from selfdistill.checkpoints import discard_unrecorded, new_checkpoint_dir
+        from selfdistill.training.child import kill_group, run_training_child
         from selfdistill.training.spec import RoundSpec
 
         rid = rnd["id"]
         tr = self.policy.training
-        # a run left 'running' by a crash is over: record it, it counts as an attempt
+        # a run left 'running' by a crash is over: its trainer must not outlive the daemon that
+        # started it (it would race this one for the checkpoint id); it counts as an attempt
         for run in self.store.training_runs(rid):
             if run["status"] == "running":
+                if run["pid"] and _is_trainer(run["pid"]):
+                    kill_group(run["pid"])
                 self.store.finish_training_run(run["id"], "failed", {}, "interrupted: the daemon stopped during training")
         attempt = len(self.store.training_runs(rid)) + 1
         data = self.store.training_data(rid, tr.data_scope, tr.replay_fraction, tr.seed)
-        ckpt_id = rnd["candidate_id"] or self.store.next_checkpoint_id()
+        ckpt_id = self.store.next_checkpoint_id()
+        # an adapter renamed into place by a trainer whose result was never recorded: train afresh
+        if discard_unrecorded(self.state_dir, ckpt_id, recorded=False):
+            log("discarded an unrecorded adapter directory", logging.WARNING, round=rid, checkpoint=ckpt_id)
         out_dir = new_checkpoint_dir(self.state_dir, ckpt_id)
-        if out_dir.exists():  # a complete adapter from an attempt whose result was not recorded: train afresh
-            shutil.rmtree(out_dir)
-        self.store.update_round(rid, candidate_id=None)
         work = self.state_dir / "tmp" / f"round-{rid}-attempt-{attempt}"
         work.mkdir(parents=True, exist_ok=True)
         data_path = work / "data.jsonl"
@@ -573,6 +577,7 @@ class Cycle:
             hf_home=str(self.state_dir / "cache" / "hf"),
         )
         run_id = self.store.start_training_run(rid, attempt, {"sft": len(data["sft"]), "pairs": len(data["pairs"]), "output": str(out_dir)})
+        self._training_run_id = run_id
         self.say(rid, "train", attempt=attempt, sft=len(data["sft"]), pairs=len(data["pairs"]), candidate=ckpt_id)
         self.release_engine()
         try:
@@ -610,6 +615,8 @@ class Cycle:
 
     def _child_started(self, pid: int) -> None:
         self.training_child_pid = pid
+        # recorded at once, so a restarted daemon can find and kill an orphaned trainer
+        self.store.execute("UPDATE training_runs SET pid = ? WHERE id = ?", (pid, self._training_run_id))
 
     def release_engine(self) -> None:
         if self._engine is not None and self.policy.engine.release_for_training != "keep":
@@ -801,6 +808,15 @@ class Cycle:
             self.store.event("repair", f"current pointer repaired: {repaired}", level="warning")
             log("current pointer repaired", logging.WARNING, detail=repaired)
         cleanup_temp_dirs(self.state_dir)
+
+
+def _is_trainer(pid: int) -> bool:
+    """Is `pid` alive and a selfdistill training child (not a recycled PID)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"selfdistill.training" in f.read()
+    except OSError:
+        return False
 
 
 def _test_delay(phase: str, interrupt: threading.Event) -> None:

@@ -13,7 +13,7 @@ from selfdistill.config import StoppingConfig
 
 @dataclass
 class Progress:
-    decided_rounds: int = 0  # rounds of this run that reached a decision (promote/reject/fail/skip)
+    decided_rounds: int = 0  # rounds that reached a decision (promote/reject/fail/skip), across restarts
     wall_s: float = 0.0  # seconds since this run started
     generated_tokens: int = 0  # all tokens ever generated into the store
     incumbent_accuracy: float | None = None  # held-out accuracy of the current checkpoint

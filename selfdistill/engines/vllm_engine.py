@@ -21,6 +21,10 @@ from selfdistill.errors import EngineError
 # One counter for the whole process: vLLM serves stale weights when an int id is reused for a
 # new path, even across engines sharing a process-wide LoRA cache.
 _lora_ids = itertools.count(1)
+# Two in-process engines can run side by side, but closing (or restarting) one tears down vLLM's
+# process-wide parallel state under the other ("pipeline model parallel group is not
+# initialized" at its next generate). So: one live engine per process.
+_running: list["VLLMEngine"] = []
 
 
 class VLLMEngine:
@@ -46,7 +50,13 @@ class VLLMEngine:
         self.release_mode = mode
         self.llm = None
         self._released = False
+        if _running:
+            raise EngineError(
+                f"an in-process vLLM engine of {_running[0].model_dir} is already running: close it first, "
+                "or serve this model from a vLLM server (kind 'openai')"
+            )
         self._start()
+        _running.append(self)
 
     def _env(self) -> None:
         # setdefault: a user who wants the multiprocess engine (e.g. tensor parallel) can say so
@@ -188,6 +198,8 @@ class VLLMEngine:
         if self.llm is not None:
             self._shutdown()
         self._released = True
+        if self in _running:
+            _running.remove(self)
 
 
 def block_linears(shapes: dict[str, tuple[int, ...]]) -> list[str]:

@@ -85,7 +85,8 @@ def _isolating_preexec(uid: int, prefix: str, hide: list[str], cpu_s: int, memor
     libc = _libc()
     tmp, py_root, work = _MOUNT_ROOT.encode(), os.path.join(_MOUNT_ROOT, "python").encode(), _WORK.encode()
     prefix_b = prefix.encode()
-    hidden = [h.encode() for h in hide if os.path.isdir(h)]
+    # paths under /tmp vanish with the /tmp tmpfs already (and cannot be mounted over once it is there)
+    hidden = [h.encode() for h in hide if os.path.isdir(h) and not (h == _MOUNT_ROOT or h.startswith(_MOUNT_ROOT + "/"))]
     ro = _MS_RDONLY | _MS_NOSUID | _MS_NODEV
 
     def pre() -> None:

@@ -55,6 +55,17 @@ def child_command(spec_path: Path, launcher: str = "python", num_processes: int 
     raise ValueError(f"unknown launcher {launcher!r} (expected python, torchrun or accelerate)")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it if the daemon dies (kill -9 leaves no orphan trainer
+    racing the restarted daemon for the same checkpoint). Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
 def kill_group(pid: int, grace_s: float = TERM_GRACE_S) -> None:
     """SIGTERM the process group led by `pid`, then SIGKILL whatever is left after `grace_s`."""
     try:
@@ -125,7 +136,7 @@ def run_training_child(
     started = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
     if on_start is not None:
         on_start(proc.pid)
     why_killed = None

@@ -172,9 +172,6 @@ def test_training_child_sigkill_is_recorded_and_retried(tmp_path, tiny_model_dir
     assert _q(policy, "SELECT decision FROM rounds WHERE id = 1")[0][0] in ("promote", "reject")
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a SIGKILLed daemon leaves its training child running (own session, "
-                                       "no parent-death signal, pid not recorded at start), so it races the restarted "
-                                       "daemon's new attempt for the same checkpoint id; see the report for the fix")
 def test_daemon_sigkill_during_training_leaves_no_training_child(tmp_path, tiny_model_dir, daemon_factory):
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
     d = daemon_factory(policy, "--max-rounds", "1")
@@ -240,9 +237,6 @@ def test_long_reader_and_exclusive_lock_make_writes_wait_not_fail(tmp_path, tiny
     assert _q(policy, "PRAGMA integrity_check")[0][0] == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a complete adapter the store never recorded (daemon killed after the "
-                                       "child renamed it into place) wedges every restart with exit 7 'checkpoint already "
-                                       "exists': phase_train calls new_checkpoint_dir before its own cleanup; see the report")
 def test_restart_after_kill_between_adapter_rename_and_record_resumes(tmp_path, tiny_model_dir, daemon_factory):
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
     d = daemon_factory(policy, "--max-rounds", "1", env={"SELFDISTILL_TEST_DELAY": "train:60"})
@@ -260,8 +254,6 @@ def test_restart_after_kill_between_adapter_rename_and_record_resumes(tmp_path, 
     assert _q(policy, "SELECT decision FROM rounds WHERE id = 1")[0][0] in ("promote", "reject")
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a training child killed mid-round leaves its hidden scratch directory "
-                                       "(checkpoints/.ckpt-N.scratch-*) for good: cleanup_temp_dirs only removes *.tmp; see the report")
 def test_restart_removes_a_killed_trainers_scratch_directory(tmp_path, tiny_model_dir, daemon_factory):
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
     ck = policy.parent / "state" / "checkpoints"

@@ -102,9 +102,6 @@ def test_bad_task_lines_are_skipped_and_each_is_recorded_with_its_line(tmp_path,
     assert n == kept
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: `init` prints only 'task source problem' for a bad task line; the "
-                                       "file:line and what is wrong go to the DB only (daemon.ingest_tasks logs it as a field "
-                                       "that the human log format drops); see the report")
 def test_init_names_each_bad_task_line_on_stderr(tmp_path, tiny_model_dir):
     p = _task_policy(tmp_path, tiny_model_dir, CORPUS / "tasks" / "not_json.jsonl")
     r = _cli("init", str(p), cwd=tmp_path)
@@ -200,7 +197,7 @@ ESCAPES = {
 
 @pytest.fixture
 def state_root(tmp_path):
-    """A state directory where a real one lives: not under /tmp (see the xfail below), root-owned."""
+    """A state directory where a real one lives: not under /tmp, root-owned."""
     root = Path("/run") / f"selfdistill-reliability-{os.getpid()}-{tmp_path.name}"
     root.mkdir(mode=0o755)
     yield root
@@ -259,9 +256,6 @@ def test_sandbox_escape_attempts_fail_inside_and_the_caller_is_unharmed(state_ro
     assert ok.ok and ok.stdout.strip() == "42", ok
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: run_python(hide=[a path under /tmp]) raises SubprocessError "
-                                       "('Exception occurred in preexec_fn'): /tmp is already covered by the sandbox's tmpfs, so "
-                                       "mounting over the hidden path fails; code verification crashes for a state dir under /tmp")
 def test_sandbox_hides_a_state_dir_under_tmp(tmp_path):
     from selfdistill.scoring.sandbox import run_python
 
