@@ -86,13 +86,43 @@ def engine_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("engine-cache")
 
 
-@pytest.fixture(scope="session")
-def vllm_tiny(tiny_dir, engine_cache):
-    from selfdistill.engines.vllm_engine import VLLMEngine
+class VLLMPool:
+    """One in-process vLLM engine at a time (the engine refuses a second): asking for another
+    model closes the current one. Tests are ordered by file so that switches are few."""
 
-    eng = VLLMEngine(tiny_dir, EngineConfig(**TINY_CFG), lora_rank=LORA_RANK, seed=0, cache_dir=engine_cache)
-    yield eng
-    eng.close()
+    def __init__(self, cache: Path):
+        self.cache, self.name, self.engine = cache, None, None
+
+    def get(self, name: str, model_dir: Path, cfg: dict):
+        from selfdistill.engines.vllm_engine import VLLMEngine
+
+        if self.name != name:
+            self.close()
+            self.engine = VLLMEngine(model_dir, EngineConfig(**cfg), lora_rank=LORA_RANK, seed=0, cache_dir=self.cache)
+            self.name = name
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.name, self.engine = None, None
+
+
+@pytest.fixture(scope="session")
+def vllm_pool(engine_cache):
+    pool = VLLMPool(engine_cache)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def vllm_tiny(vllm_pool, tiny_dir):
+    return vllm_pool.get("tiny", tiny_dir, TINY_CFG)
+
+
+@pytest.fixture
+def vllm_student(vllm_pool, student_dir):
+    return vllm_pool.get("student", student_dir, STUDENT_CFG)
 
 
 @pytest.fixture(scope="session")
@@ -100,15 +130,6 @@ def hf_tiny(tiny_dir):
     from selfdistill.engines.hf import TransformersEngine
 
     eng = TransformersEngine(tiny_dir, EngineConfig(kind="transformers", **TINY_CFG), seed=0)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="session")
-def vllm_student(student_dir, engine_cache):
-    from selfdistill.engines.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine(student_dir, EngineConfig(**STUDENT_CFG), lora_rank=LORA_RANK, seed=0, cache_dir=engine_cache)
     yield eng
     eng.close()
 

@@ -41,17 +41,19 @@ def test_factories_pick_by_kind(tiny_dir, engine_cache):
 
 
 @pytest.mark.vllm
-def test_vllm_teacher_has_no_lora(tiny_dir, engine_cache, vllm_tiny):
+def test_vllm_teacher_has_no_lora(tiny_dir, engine_cache, vllm_tiny, vllm_pool):
     from selfdistill.engines import make_teacher_engine
     from selfdistill.engines.base import AdapterRef, SamplingParams
     from selfdistill.errors import EngineError
 
-    teacher = make_teacher_engine(TeacherConfig(kind="vllm", model=str(tiny_dir)), engine_cache)
+    teacher_cfg = TeacherConfig(kind="vllm", model=str(tiny_dir))
+    # a second live in-process engine is refused: closing one would break the other
+    with pytest.raises(EngineError, match="in-process vLLM engine of .* is already running: close it first"):
+        make_teacher_engine(teacher_cfg, engine_cache)
+    vllm_pool.close()
+    teacher = make_teacher_engine(teacher_cfg, engine_cache)
     try:
-        # a second in-process vLLM engine starts and answers beside the student's
-        g = SamplingParams(temperature=0.0, max_tokens=8)
-        assert teacher.generate(["abc"], g)[0][0].completion_tokens == 8
-        assert vllm_tiny.generate(["abc"], g)[0][0].completion_tokens == 8
+        assert teacher.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=8))[0][0].completion_tokens == 8
         with pytest.raises(EngineError, match="started without LoRA"):
             teacher.load_adapter(AdapterRef("x", str(tiny_dir)))
     finally:
