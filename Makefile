@@ -28,7 +28,7 @@ $(VENV)/.setup-done: requirements/cpu.lock requirements/constraints-cpu.txt pypr
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/selfdistill init $(POLICY)
-	HF_HUB_OFFLINE=1 $(BIN)/selfdistill run $(POLICY) --progress --human 2>state-demo.log || [ $$? -eq 10 ]
+	HF_HUB_OFFLINE=1 $(BIN)/selfdistill run $(POLICY) --progress --human 2>demo.log || [ $$? -eq 10 ]
 	$(BIN)/selfdistill report $(POLICY)
 
 test: setup
