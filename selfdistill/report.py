@@ -172,22 +172,39 @@ Base held-out accuracy {acc(base)}; current {acc(now)}. Correct means the verifi
     return out
 
 
+def _p(v: Any) -> str:
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{v:.2e}" if v < 1e-3 else f"{v:.4f}"
+
+
 def _f(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
 
 def summary_rows(store: Store) -> list[dict[str, Any]]:
-    """Base accuracy and accuracy after each promotion, with CIs, for the summary table."""
+    """Base accuracy and accuracy after each promotion, with CIs; each promotion's p-value against
+    its incumbent (the gate's) and against the base (exact one-sided McNemar on the same items)."""
+    from selfdistill import stats
+
     rows = []
     base = store.latest_evaluation("base", "heldout")
     if base:
         rows.append({"checkpoint": "base", "round": "-", **{k: base["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")}})
+    base_items = {i["task_id"]: bool(i["correct"]) for i in base["items"]} if base else {}
     for r in store.rounds():
         if r["decision"] == "promote":
             ev = store.latest_evaluation(r["candidate_id"], "heldout")
             if ev:
-                rows.append({"checkpoint": r["candidate_id"], "round": r["id"], **{k: ev["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")},
-                             "p_value": r["metrics"].get("p_value")})
+                row = {"checkpoint": r["candidate_id"], "round": r["id"], **{k: ev["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")},
+                       "p_value": r["metrics"].get("p_value")}
+                mine = {i["task_id"]: bool(i["correct"]) for i in ev["items"]}
+                if base_items and set(mine) == set(base_items):
+                    ids = sorted(mine)
+                    wins, losses = stats.discordant([mine[i] for i in ids], [base_items[i] for i in ids])
+                    row["gain_vs_base"] = (wins - losses) / len(ids)
+                    row["p_vs_base"] = stats.mcnemar_one_sided(wins, losses)
+                rows.append(row)
     return rows
 
 
@@ -195,10 +212,11 @@ def print_summary(policy, store: Store) -> None:
     """The table `make demo` ends with: accuracy per promotion with CIs, and time per phase."""
     rows = summary_rows(store)
     print("\n== selfdistill summary ==")
-    print(f"{'checkpoint':14} {'round':>5} {'held-out acc':>12} {'95% CI':>17} {'n':>5} {'p vs prev':>9}")
+    print(f"{'checkpoint':14} {'round':>5} {'held-out acc':>12} {'95% CI':>17} {'n':>5} {'p vs prev':>9} {'gain vs base':>12} {'p vs base':>9}")
     for r in rows:
         ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        print(f"{r['checkpoint']:14} {str(r['round']):>5} {r['accuracy']:12.3f} {ci:>17} {r['n']:5} {_f(r.get('p_value')):>9}")
+        gain = f"{r['gain_vs_base']:+.3f}" if "gain_vs_base" in r else "-"
+        print(f"{r['checkpoint']:14} {str(r['round']):>5} {r['accuracy']:12.3f} {ci:>17} {r['n']:5} {_p(r.get('p_value')):>9} {gain:>12} {_p(r.get('p_vs_base')):>9}")
     totals: dict[str, float] = {}
     for p in store.phases():
         totals[p["phase"]] = totals.get(p["phase"], 0.0) + (p["duration_s"] or 0.0)

@@ -48,6 +48,8 @@ def test_summary_table(tmp_path, capsys):
     policy, store = _state(tmp_path)
     rows = summary_rows(store)
     assert [r["checkpoint"] for r in rows] == ["base", "ckpt-000001"]
+    # base right on items 0, 3, 6, ... of 20; the promotion right everywhere: 13 wins, no losses
+    assert rows[1]["gain_vs_base"] == 13 / 20 and abs(rows[1]["p_vs_base"] - 0.5 ** 13) < 1e-12
     print_summary(policy, store)
     out = capsys.readouterr().out
     assert "base" in out and "0.350" in out and "0.900" in out and "decisions: #1 promote, #2 reject" in out
