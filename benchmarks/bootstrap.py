@@ -236,7 +236,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     cfg = {"min_word_len": 3, "max_word_len": a.max_len}
     evals = rg_tasks("spell_backward", 1, a.eval, cfg)
-    boot = disjoint(rg_tasks("spell_backward", 100, a.examples, cfg), evals)
+    boot = disjoint(rg_tasks("spell_backward", 100_000, a.examples, cfg), evals)  # item i is seeded seed + i
     model = build_model(a.out)
     print(json.dumps(bootstrap(model, sft_rows(boot), a.steps, batch_size=a.batch, lr=a.lr, threads=a.threads)))
     t = time.time()
