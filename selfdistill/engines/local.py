@@ -95,23 +95,28 @@ def _check_shapes(p: Path, weights: Path, model_dir: Path, base_shapes: dict[str
 
 def render(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of a prompt: chat messages through the chat template, a string as raw text."""
-    text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
-        prompt, add_generation_prompt=True, tokenize=False
-    )
+    return render_all(tokenizer, [prompt], limit=None)[0]
+
+
+def render_all(tokenizer, prompts: Sequence[Prompt], limit: int | None, room: int = 1) -> list[list[int]]:
+    """Render every prompt; one that leaves fewer than `room` positions of the context is an error.
+
+    One batched call each to the template and the tokenizer: per-prompt calls cost ~10% of
+    vLLM's throughput on a small model.
+    """
+    chats = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    texts = list(prompts)
+    if chats:
+        rendered = tokenizer.apply_chat_template([prompts[i] for i in chats], add_generation_prompt=True, tokenize=False)
+        for i, t in zip(chats, rendered):
+            texts[i] = t
     # the template already carries any special tokens the model wants
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def render_all(tokenizer, prompts: Sequence[Prompt], limit: int, room: int = 1) -> list[list[int]]:
-    """Render every prompt; one that leaves fewer than `room` positions of the context is an error."""
-    out = []
-    for i, p in enumerate(prompts):
-        ids = render(tokenizer, p)
-        if len(ids) + room > limit:
+    out = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    for i, ids in enumerate(out):
+        if limit is not None and len(ids) + room > limit:
             raise EngineError(
                 f"prompt {i} has {len(ids)} tokens, the engine's context is {limit}: shorten it or raise engine.max_model_len"
             )
-        out.append(ids)
     return out
 
 
