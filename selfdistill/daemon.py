@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path

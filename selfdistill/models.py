@@ -102,11 +102,16 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
         if not is_model_dir(out):
             raise ModelError(f"the bundled student is not prepared in {out}: run `selfdistill models prepare`")
         return out
-    path = Path(name)
+    return check_model_dir(name)
+
+
+def check_model_dir(model_dir: str | os.PathLike[str]) -> Path:
+    """A local Hugging Face model directory, or a ModelError naming the path."""
+    path = Path(model_dir)
     if not path.is_dir():
-        raise ModelError(f"{name}: model directory does not exist (give a local Hugging Face model directory)")
+        raise ModelError(f"{path}: model directory does not exist (give a local Hugging Face model directory)")
     if not is_model_dir(path):
-        raise ModelError(f"{name}: not a model directory (config.json and *.safetensors expected)")
+        raise ModelError(f"{path}: not a model directory (config.json and *.safetensors expected)")
     return path
 
 

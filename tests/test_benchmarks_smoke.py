@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from sd_testutil import ROOT
 
 
 def test_overhead_benchmark_runs():

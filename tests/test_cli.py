@@ -10,7 +10,7 @@ import pytest
 
 from selfdistill.cli import build_parser
 
-from conftest import ROOT, run_cli
+from sd_testutil import ROOT, run_cli
 
 
 def _commands(parser, prefix=()):

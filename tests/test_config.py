@@ -10,7 +10,7 @@ from selfdistill.config import load_policy, parse_policy
 from selfdistill.errors import PolicyError
 from selfdistill.gates import gate_can_pass
 
-from conftest import ROOT, run_cli
+from sd_testutil import ROOT, run_cli
 
 SHIPPED = sorted((ROOT / "policies").glob("*.toml"))
 MIN = {"tasks": {"sources": [{"type": "reasoning_gym", "dataset": "chain_sum"}]}}

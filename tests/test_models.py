@@ -7,7 +7,7 @@ import time
 
 from selfdistill.models import BUNDLED_DIRNAME, build_tiny_model, is_model_dir, prepare_bundled, resolve_base_model
 
-from conftest import run_cli
+from sd_testutil import run_cli
 
 
 def test_bundled_student_is_prepared_once_and_speaks(bundled_model_dir):

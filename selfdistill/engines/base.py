@@ -55,6 +55,16 @@ class AdapterRef:
     extra: dict = field(default_factory=dict)
 
 
+def loaded_adapter(adapters: dict, name: str):
+    """The engine's entry for adapter `name`, or an EngineError saying it was never loaded."""
+    try:
+        return adapters[name]
+    except KeyError:
+        from selfdistill.errors import EngineError
+
+        raise EngineError(f"adapter {name!r} is not loaded: call load_adapter() first") from None
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What every generation engine offers."""

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Sequence
 
 from selfdistill.config import EngineConfig
-from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams
-from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, check_model_dir, context_length, render_all
+from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
+from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all
+from selfdistill.models import check_model_dir
 from selfdistill.errors import EngineError
 from selfdistill.models import offline_env
 
@@ -64,8 +65,7 @@ class TransformersEngine:
         model = self._live()
         if adapter is None:
             return model.disable_adapter() if self._adapters else contextlib.nullcontext()
-        if adapter not in self._adapters:
-            raise EngineError(f"adapter {adapter!r} is not loaded: call load_adapter() first")
+        loaded_adapter(self._adapters, adapter)
         model.set_adapter(adapter)
         return contextlib.nullcontext()
 

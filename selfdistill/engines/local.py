@@ -13,18 +13,8 @@ from typing import Sequence
 
 from selfdistill.engines.base import Prompt
 from selfdistill.errors import EngineError, ModelError
-from selfdistill.models import is_model_dir
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def check_model_dir(model_dir: str | Path) -> Path:
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ModelError(f"{path}: model directory does not exist (give a local Hugging Face model directory)")
-    if not is_model_dir(path):
-        raise ModelError(f"{path}: not a model directory (config.json and *.safetensors expected)")
-    return path
 
 
 def context_length(model_dir: Path, wanted: int) -> int:

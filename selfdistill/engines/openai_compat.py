@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from selfdistill.config import OpenAIEndpoint
-from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams
+from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
 from selfdistill.errors import EngineError
 
 RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
@@ -148,10 +148,7 @@ class OpenAIEngine:
     def _model(self, adapter: str | None) -> str:
         if adapter is None:
             return self.ep.model
-        try:
-            return self._adapters[adapter]
-        except KeyError:
-            raise EngineError(f"adapter {adapter!r} is not loaded: call load_adapter() first") from None
+        return loaded_adapter(self._adapters, adapter)
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, adapter: str | None = None

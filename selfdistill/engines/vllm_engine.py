@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from selfdistill.config import EngineConfig
-from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams
-from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, check_model_dir, context_length, render_all
+from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
+from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all
+from selfdistill.models import check_model_dir
 from selfdistill.errors import EngineError
 
 # One counter for the whole process: vLLM serves stale weights when an int id is reused for a
@@ -103,10 +104,7 @@ class VLLMEngine:
     def _lora(self, adapter: str | None):
         if adapter is None:
             return None
-        try:
-            return self._adapters[adapter]
-        except KeyError:
-            raise EngineError(f"adapter {adapter!r} is not loaded: call load_adapter() first") from None
+        return loaded_adapter(self._adapters, adapter)
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, adapter: str | None = None

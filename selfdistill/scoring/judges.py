@@ -23,11 +23,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from selfdistill.config import JudgeConfig
 from selfdistill.engines.base import Engine, SamplingParams
 from selfdistill.records import Candidate, PairRecord, SftRecord, Task, chat_messages
+
+if TYPE_CHECKING:
+    from selfdistill.scoring.health import AnchorVerdict
 
 SCORE_LINE = re.compile(r"Score:\s*(10|[1-9])")
 VERDICT_LINE = re.compile(r"Verdict:\s*([AB])")
