@@ -68,7 +68,10 @@ class CircuitBreaker:
     def record(self, ok: bool) -> None:
         with self._lock:
             if ok:
+                # a success (even of a request sent before the circuit opened) proves the server
+                # answers: close the circuit, so no "open after 0 failures" state can exist
                 self._streak = 0
+                self._opened_at = None
                 return
             self._streak += 1
             if self._streak >= self.failures:
