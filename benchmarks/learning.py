@@ -9,7 +9,8 @@ One run, one set of held-out items:
    95% intervals, McNemar p) and each round's wall time, from its store;
 3. baselines trained after the loop: plain SFT with the daemon's own training child, from the base,
    on the reference answers of the same training tasks the loop sampled (teacher labelling), for
-   the optimizer steps of the final checkpoint's lineage (SFT + DPO steps);
+   the optimizer steps of the final checkpoint's lineage (SFT + DPO steps), or, when no round was
+   promoted, for every step the loop spent;
 4. an audit: held-out-split tasks past the first `evaluation.heldout_items` (never seen by a gate),
    on which the base, the loop's final checkpoint and the SFT baseline are scored by one engine
    built from the policy's [engine] table, greedy, with the project's verifiers; paired McNemar p.
@@ -144,6 +145,7 @@ def main() -> None:
         heldout_all = store.tasks(split="heldout")
         used = sorted({t.id for r in rounds for t in store.round_tasks(r["id"])})
         train_tasks = store.tasks(ids=used) if used else []
+        runs = [r for r in store.training_runs() if r["status"] == "succeeded"]
         per_round = []
         for r in rounds:
             m = r["metrics"] or {}
@@ -163,10 +165,14 @@ def main() -> None:
         mt = (c["training"] or {}).get("metrics", {})
         lineage.insert(0, int(mt.get("sft_steps", 0)) + int(mt.get("dpo_steps", 0)))
         c = ckpts[c["parent_id"]]
+    # the final checkpoint's steps; when no round was promoted, every step the loop spent, so the
+    # baseline still says what plain SFT would have bought with the same training
+    spent = sum(int((r["metrics"] or {}).get("sft_steps", 0)) + int((r["metrics"] or {}).get("dpo_steps", 0)) for r in runs)
+    steps = sum(lineage) or spent
     t = time.time()
     sft = None
-    if lineage:
-        sft = continue_sft(base_model_dir(policy), sft_rows(train_tasks, policy.tasks.prompt_suffix), [sum(lineage)], out / "sft-baseline",
+    if steps:
+        sft = continue_sft(base_model_dir(policy), sft_rows(train_tasks, policy.tasks.prompt_suffix), [steps], out / "sft-baseline",
                            training=policy.training.model_dump(mode="json"), lora=policy.student.lora.model_dump(mode="json"),
                            system_prompt=policy.student.system_prompt)
     times["sft_baseline_s"] = time.time() - t
@@ -206,7 +212,7 @@ def main() -> None:
     times["eval_s"] = time.time() - t
     times["total_s"] = time.time() - t0
     summary_ = {"policy": str(a.policy), "args": {k: str(v) for k, v in vars(a).items()}, "final": current["id"],
-                "lineage_steps": lineage, "sft_baseline_steps": sft["steps"] if sft else None, "train_tasks": len(train_tasks),
+                "lineage_steps": lineage, "loop_steps_spent": spent, "sft_baseline_steps": sft["steps"] if sft else None, "train_tasks": len(train_tasks),
                 "rounds": per_round, **results, "times_s": {k: round(v, 1) for k, v in times.items()}}
     (out / "learning.json").write_text(json.dumps(summary_, indent=2))
     lines = ["| model | gate items acc [95% CI] | audit acc [95% CI] |", "|---|---|---|"]
