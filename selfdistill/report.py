@@ -41,13 +41,14 @@ def _plots(d: dict[str, Any]) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = {}
     trained = [r for r in d["rounds"] if r["decision"] in ("promote", "reject")]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if trained:
-        xs = [r["id"] for r in trained]
-        for key, label, color in (("incumbent", "incumbent", "tab:gray"), ("candidate", "candidate", "tab:blue")):
+        for key, label, color, dx in (("incumbent", "incumbent", "tab:gray", -0.06), ("candidate", "candidate", "tab:blue", 0.06)):
+            xs = [r["id"] + dx for r in trained]  # side by side, so the two intervals stay readable
             ys = [r["metrics"].get(f"{key}_accuracy") for r in trained]
             ci = [r["metrics"].get(f"{key}_ci") or [y, y] for r, y in zip(trained, ys)]
             lo = [y - c[0] if y is not None and c[0] is not None else 0 for y, c in zip(ys, ci)]
@@ -55,7 +56,10 @@ def _plots(d: dict[str, Any]) -> dict[str, str]:
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color)
         for r in trained:
             if r["decision"] == "promote":
-                ax.annotate("promoted", (r["id"], r["metrics"].get("candidate_accuracy") or 0), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+                ax.annotate("promoted", (r["id"] + 0.06, r["metrics"].get("candidate_accuracy") or 0), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+        ids = [r["id"] for r in trained]
+        ax.set_xlim(min(ids) - 0.5, max(ids) + 0.5)
+        ax.set_xticks(ids)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out accuracy (95% CI)")
     ax.set_title("Held-out accuracy per round")
@@ -67,6 +71,7 @@ def _plots(d: dict[str, Any]) -> dict[str, str]:
     ids = [r["id"] for r in d["rounds"]]
     ax.bar([i - 0.2 for i in ids], [d["pairs"].get(i, 0) for i in ids], width=0.4, label="pairs")
     ax.bar([i + 0.2 for i in ids], [d["sft"].get(i, 0) for i in ids], width=0.4, label="SFT examples")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_title("Training data gathered per round")
     ax.legend()
@@ -85,6 +90,7 @@ def _plots(d: dict[str, Any]) -> dict[str, str]:
             ax.bar(ids, [vals[i] for i in ids], bottom=[bottom[i] for i in ids], label=name)
             for i in ids:
                 bottom[i] += vals[i]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.set_title("Phase durations")
