@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "policies" / "examples" / "tasks.jsonl"
 
@@ -121,3 +123,20 @@ class DaemonProc:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
         self._err.close()
+
+
+@pytest.fixture
+def daemon_factory():
+    """Start `selfdistill run` processes; any still running at the end of the test is killed."""
+    procs: list[DaemonProc] = []
+
+    def make(policy: Path, *args: str, env: dict | None = None) -> DaemonProc:
+        d = DaemonProc(policy, *args, env=env)
+        procs.append(d)
+        return d
+
+    yield make
+    for d in procs:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(30)

@@ -16,24 +16,7 @@ for p in (ROOT / "tests" / "daemon", ROOT / "benchmarks", HERE):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from daemon_helpers import DaemonProc  # noqa: E402
-
-
-@pytest.fixture
-def daemon_factory():
-    procs: list[DaemonProc] = []
-
-    def make(policy: Path, *args: str, env: dict | None = None) -> DaemonProc:
-        d = DaemonProc(policy, *args, env=env)
-        procs.append(d)
-        return d
-
-    yield make
-    for d in procs:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(30)
-
+from daemon_helpers import DaemonProc, daemon_factory  # noqa: E402,F401  (daemon_factory: a fixture, registered by import)
 
 SECRET = "sk-test-SECRET-1234567890"
 

@@ -149,17 +149,22 @@ def test_teacher_faults_keep_the_loop_going_and_store_no_garbage(teacher_run):
 # -- (c) the training child is OOM-killed --------------------------------------------------------
 
 
+def _wait_for_training_children(tmp_path, timeout: float = 60) -> list[int]:
+    deadline = time.time() + timeout
+    kids: list[int] = []
+    while not kids and time.time() < deadline:
+        kids = _training_children(tmp_path)
+        time.sleep(0.1)
+    assert kids, "the training child never showed up"
+    return kids
+
+
 def test_training_child_sigkill_is_recorded_and_retried(tmp_path, tiny_model_dir, daemon_factory):
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
     policy.write_text(policy.read_text().replace("time_limit_s = 300", "time_limit_s = 300\nmax_retries = 1"))
     d = daemon_factory(policy, "--max-rounds", "1")
     d.wait_for(lambda r: r.get("phase") == "train" and r.get("attempt") == 1, timeout=300)
-    deadline = time.time() + 60
-    kids = []
-    while not kids and time.time() < deadline:
-        kids = _training_children(tmp_path)
-        time.sleep(0.1)
-    assert kids, "the training child never showed up"
+    kids = _wait_for_training_children(tmp_path)
     time.sleep(1.0)  # let it get into its imports / training step
     for k in kids:
         os.kill(k, signal.SIGKILL)  # what the OOM killer does
@@ -176,12 +181,7 @@ def test_daemon_sigkill_during_training_leaves_no_training_child(tmp_path, tiny_
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
     d = daemon_factory(policy, "--max-rounds", "1")
     d.wait_for(lambda r: r.get("phase") == "train" and r.get("attempt") == 1, timeout=300)
-    deadline = time.time() + 60
-    kids = []
-    while not kids and time.time() < deadline:
-        kids = _training_children(tmp_path)
-        time.sleep(0.1)
-    assert kids
+    kids = _wait_for_training_children(tmp_path)
     d.kill()
     # the restarted daemon must not train while the old child still trains into the same checkpoint id
     d2 = daemon_factory(policy, "--max-rounds", "1")
