@@ -11,8 +11,8 @@ small set (its loss is near zero), so more steps on it buy little and fresh veri
 can still help. Every accuracy is measured by one engine (transformers, greedy) on the same
 held-out items of the daemon's store, bootstrap words excluded.
 
-Run: `.venv/bin/python -m pytest -q -s tests/learning` (9.5 minutes on 2 busy CPU cores on
-2026-11-23; it prints one `LEARNING {...}` line with every figure). Set SELFDISTILL_LEARNING_OUT to
+Run: `.venv/bin/python -m pytest -q -s tests/learning` (6.1 to 9.5 minutes on 2 busy CPU cores
+on 2026-11-23; it prints one `LEARNING {...}` line with every figure). Set SELFDISTILL_LEARNING_OUT to
 a path to also get them as JSON.
 
 Measured (2026-11-23, 2 shared cores): bootstrap 11.6% [8.4, 15.8] on 293 held-out items; after 3
