@@ -129,7 +129,7 @@ class ReasoningGymSource(_Model):
     type: Literal["reasoning_gym"]
     dataset: str = Field(..., description="reasoning-gym dataset name, e.g. 'chain_sum'.")
     config: dict[str, Any] = Field(default_factory=dict, description="Keyword config for the dataset.")
-    seed: int = Field(0, description="Seed of the procedural generator.")
+    seed: int = Field(0, description="Seed of the procedural generator. reasoning-gym seeds item i with seed + i, so sources whose seeds are closer than their sizes share items (harmless: tasks are keyed by question text).")
     size: int = Field(1000, ge=1, description="Items drawn from the generator.")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
 
@@ -168,6 +168,9 @@ class CurriculumConfig(_Model):
 class TasksConfig(_Model):
     sources: list[SourceConfig] = Field(..., min_length=1, description="Where tasks come from.")
     heldout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of tasks kept held-out (by key hash).")
+    audit_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of tasks kept as an audit set (by key hash): never trained on, never seen by the gates; for benchmarks."
+    )
     per_round: int = Field(64, ge=1, description="Training tasks sampled per round.")
     prompt_suffix: str = Field(
         "", description="Text appended to every task prompt (e.g. the answer format asked for)."
@@ -295,7 +298,6 @@ class EvaluationConfig(_Model):
         description="Forgetting guard: general prompts whose answers under the base must stay likely.",
     )
     anchor_max_tokens: int = Field(48, ge=1, description="Length of the base's reference answers to anchor prompts.")
-    audit_items: int = Field(0, ge=0, description="Held-out items reserved as an audit set that gates never see.")
 
 
 class GateConfig(_Model):
@@ -374,6 +376,11 @@ class Policy(_Model):
     @model_validator(mode="after")
     def _coherent(self) -> "Policy":
         problems = []
+        if self.tasks.heldout_fraction + self.tasks.audit_fraction >= 1:
+            problems.append(
+                f"tasks.heldout_fraction + tasks.audit_fraction = {self.tasks.heldout_fraction + self.tasks.audit_fraction:g} "
+                "leaves no training tasks: keep their sum below 1"
+            )
         if self.tasks.heldout_fraction == 0 and self.gates.test != "none":
             problems.append(
                 "tasks.heldout_fraction is 0 but gates.test needs held-out items: "

@@ -91,8 +91,7 @@ def ingest_tasks(policy: Policy, store: Store, teacher=None) -> dict[str, Any]:
     for p in problems:
         log(f"task source problem: {p}", logging.WARNING, problem=p)
         store.event("task_problem", p, level="warning")
-    audit_fraction = 0.0
-    added, existing = store.add_tasks(tasks, policy.tasks.heldout_fraction, audit_fraction)
+    added, existing = store.add_tasks(tasks, policy.tasks.heldout_fraction, policy.tasks.audit_fraction)
     return {"added": added, "existing": existing, "problems": len(problems)}
 
 
@@ -342,7 +341,7 @@ class Cycle:
                 log("expansion skipped", logging.WARNING, round=rid, error=str(e))
                 self.store.event("teacher_unavailable", f"expansion skipped: {e}", level="warning", round_id=rid)
                 continue
-            added, _ = self.store.add_tasks(res.tasks, self.policy.tasks.heldout_fraction)
+            added, _ = self.store.add_tasks(res.tasks, self.policy.tasks.heldout_fraction, self.policy.tasks.audit_fraction)
             log("tasks expanded", round=rid, by=src.by, asked=res.asked, added=added, rejected=dict(res.rejected))
             self.store.event("expansion", f"{added} new tasks by {src.by}", round_id=rid,
                              data={"added": added, "asked": res.asked, "rejected": dict(res.rejected)})

@@ -54,6 +54,7 @@ BAD = [
     ({"scoring": {"teacher_judge": {"enabled": True}}}, "no [teacher] table is given"),
     ({"training": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}}, "got 1 loss_weights for 2 loss_type entries"),
     ({"training": {"loss_type": ["sigmoid", "simpo"]}}, "loss_type 'simpo' is reference-free and must be the only entry"),
+    ({"tasks": {"heldout_fraction": 0.5, "audit_fraction": 0.5}}, "leaves no training tasks"),
     ({"evaluation": {"heldout_items": 3}}, "evaluation.heldout_items = 3 can never reach p < 0.05: at least 5 items are needed"),
     ({"gates": {"alpha": 0}}, "gates.alpha: Input should be greater than 0"),
 ]

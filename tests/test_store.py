@@ -80,6 +80,16 @@ def test_tasks_are_idempotent_and_split_by_key(store):
         assert t.split == split_for(task_key(t.prompt), 0.3)
 
 
+def test_audit_split_is_a_third_wall(store):
+    store.add_tasks([TaskIn("s", f"question {i}", str(i)) for i in range(300)], 0.2, 0.2)
+    counts = store.count_tasks()
+    assert set(counts) == {"train", "heldout", "audit"} and all(40 < counts[s] for s in ("heldout", "audit"))
+    rid = store.create_round("base")
+    audit = store.tasks(split="audit")
+    store.add_training_data(rid, [], [SftRecord(t.id, t.prompt, "x", 1.0, "verifier") for t in audit])
+    assert store.training_data(rid, "all")["sft"] == []
+
+
 def test_heldout_wall_in_training_data(store):
     """Rows built from held-out tasks never reach training data, whatever the rows say."""
     store.add_tasks([TaskIn("s", f"q{i}", str(i)) for i in range(60)], 0.5)
