@@ -291,10 +291,8 @@ class Cycle:
             self.store.update_round(rid, status=status, decision=decision, finished_at=time.time(),
                                     **({"reasons": reasons} if reasons is not None else {}), **({"error": error} if error else {}))
             if decision in ("fail", "skip"):
-                self.store.execute(
-                    "INSERT INTO events(ts, round_id, level, kind, message, data) VALUES (?, ?, ?, 'decision', ?, '{}')",
-                    (time.time(), rid, "warning" if decision == "fail" else "info", f"round {rid}: {decision}: {'; '.join(reasons or [])}"),
-                )
+                self.store.event("decision", f"round {rid}: {decision}: {'; '.join(reasons or [])}",
+                                 level="warning" if decision == "fail" else "info", round_id=rid)
         self.say(rid, "done", decision=decision or "collect", reasons="; ".join(reasons or []))
 
     # sample ----------------------------------------------------------------------------------
@@ -728,10 +726,8 @@ class Cycle:
             self.store.update_round(rid, decision=decision, reasons=d.reasons)
             if not d.promote:
                 self.store.set_checkpoint_status(cand, "rejected", "; ".join(d.reasons))
-            self.store.execute(
-                "INSERT INTO events(ts, round_id, level, kind, message, data) VALUES (?, ?, 'info', 'decision', ?, ?)",
-                (time.time(), rid, f"round {rid}: {decision} {cand}: {'; '.join(d.reasons)}", json.dumps(_jsonable(d.numbers))),
-            )
+            self.store.event("decision", f"round {rid}: {decision} {cand}: {'; '.join(d.reasons)}",
+                             round_id=rid, data=_jsonable(d.numbers))
             if d.promote:
                 self.store.record_phase(rid, "decide", t0, {"decision": decision}, "promote")
             else:
@@ -997,7 +993,7 @@ class Daemon:
         delay = 1.0
         while not self.run_state.warm_stop.is_set():
             free = shutil.disk_usage(self.policy.state_dir).free / 2**20
-            if free >= min_free_mb and _probe_write(self.policy.state_dir, min_free_mb):
+            if free >= min_free_mb and _probe_write(self.policy.state_dir):
                 log("disk space is back: resuming", free_mb=round(free))
                 return
             time.sleep(delay)
@@ -1080,7 +1076,7 @@ def _is_disk_full(e: BaseException) -> bool:
     return isinstance(e, StoreError) and "disk is full" in str(e)
 
 
-def _probe_write(state_dir: Path, mb: int) -> bool:
+def _probe_write(state_dir: Path) -> bool:
     p = state_dir / ".space-probe"
     try:
         with open(p, "wb") as f:
