@@ -93,6 +93,13 @@ class EngineConfig(_Model):
         description="How the engine frees memory before a training round: vLLM sleep mode, a clean "
         "shutdown and restart, or keep it loaded ('auto' picks sleep on GPU, restart on CPU).",
     )
+    adapter_serving: Literal["auto", "lora", "merged"] = Field(
+        "auto",
+        description="vLLM: how a checkpoint is served: as a LoRA adapter on the base (switching is free), "
+        "or merged into a copy of the base weights (each switch restarts the engine, ~5 s for a 135M "
+        "model, but vLLM's CPU build generates about 7x faster than through its LoRA path; "
+        "benchmarks/RESULTS.md, 'Engines'). 'auto': merged on CPU, lora on GPU.",
+    )
     server: OpenAIEndpoint | None = Field(
         None, description="kind='openai': the server that serves the student (a `vllm serve` with LoRA)."
     )

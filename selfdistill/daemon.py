@@ -625,8 +625,7 @@ class Cycle:
         if getattr(self, "_released", False) and self._engine is not None:
             t = time.time()
             self._engine.resume()
-            self._released = False
-            self._loaded.clear()  # a restarted engine has no adapters; names are fresh anyway
+            self._released = False  # the engine keeps its loaded adapters across release/resume
             log("engine resumed", seconds=round(time.time() - t, 2))
 
     # evaluate --------------------------------------------------------------------------------

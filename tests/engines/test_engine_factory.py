@@ -41,7 +41,7 @@ def test_factories_pick_by_kind(tiny_dir, engine_cache):
 
 
 @pytest.mark.vllm
-def test_vllm_teacher_has_no_lora(tiny_dir, engine_cache, vllm_tiny, vllm_pool):
+def test_vllm_teacher_has_no_lora(tiny_dir, engine_cache, vllm_running, vllm_pool):
     from selfdistill.engines import make_teacher_engine
     from selfdistill.engines.base import AdapterRef, SamplingParams
     from selfdistill.errors import EngineError

@@ -58,7 +58,7 @@ def test_score_orders_likely_above_unlikely(tiny_engine):
     assert tiny_engine.score(CHAT[:1], [""]) == [(0.0, 0)]
 
 
-def test_adapter_versions_switch_without_restart(tiny_engine, adapters):
+def test_adapter_versions_switch_and_coexist(tiny_engine, adapters):
     base = tiny_engine.generate(CHAT, GREEDY)
     tiny_engine.load_adapter(AdapterRef("v1", str(adapters["a"])))
     with_a = tiny_engine.generate(CHAT, GREEDY, adapter="v1")
