@@ -4,6 +4,7 @@ and switch to a new adapter version, vLLM's release/resume (sleep or restart) an
 layer's overhead against raw `vllm.LLM.generate` on the same token ids.
 
     .venv/bin/python benchmarks/engines.py --model bundled --dtype bfloat16 --prompts 16 --samples 8 --tokens 48
+    .venv/bin/python benchmarks/engines.py --model bundled --engines serving   # LoRA path vs merged
 
 Prints one JSON object; the figures go into benchmarks/RESULTS.md ("## Engines").
 """
@@ -64,7 +65,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the transformers engine")
     ap.add_argument("--batch-size", type=int, default=32, help="transformers engine batch")
-    ap.add_argument("--engines", default="transformers,vllm")
+    ap.add_argument("--engines", default="transformers,vllm",
+                    help="comma list of: transformers, vllm, serving (vLLM's LoRA path against merged weights)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved engine-layer / raw vLLM runs (best is kept)")
     args = ap.parse_args()
 
@@ -147,6 +149,28 @@ def main() -> None:
             "release": {"mode": eng.release_mode, "release_s": rel, "resume_s": resm, "rss_mib_before": rss0, "rss_mib_released": rss1},
         }
         eng.close()
+
+    if "serving" in args.engines:
+        # vLLM serving one adapter version through its LoRA path against the same adapter merged into
+        # a copy of the base (engine.adapter_serving). One engine per process, so the two take
+        # turns, A-B-A, and each mode's best run is kept.
+        from selfdistill.engines.vllm_engine import VLLMEngine
+
+        def serve(mode: str) -> dict:
+            eng, start = timed(lambda: VLLMEngine(model_dir, EngineConfig(**cfg, adapter_serving=mode), lora_rank=8,
+                                                  seed=0, cache_dir=work / "cache"))
+            _, load = timed(lambda: eng.load_adapter(AdapterRef("v1", str(ad1))))
+            _, first = timed(lambda: eng.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4), adapter="v1"))
+            out, dt, cpu = metered(lambda: eng.generate(prompts, sp, adapter="v1"))
+            base, bdt, _ = metered(lambda: eng.generate(prompts, sp))
+            eng.close()
+            return {"start_s": start, "load_s": load, "first_generate_s": first, "adapter_tokens_per_s": tokens(out) / dt,
+                    "adapter_tokens_per_cpu_s": tokens(out) / cpu, "base_tokens_per_s": tokens(base) / bdt}
+
+        runs = [("lora", serve("lora")), ("merged", serve("merged")), ("lora", serve("lora"))]
+        best = {m: max((r for k, r in runs if k == m), key=lambda r: r["adapter_tokens_per_s"]) for m in ("lora", "merged")}
+        res["serving"] = {"runs": [{"mode": k, **r} for k, r in runs], **best,
+                          "merged_over_lora_adapter_tokens_per_s": best["merged"]["adapter_tokens_per_s"] / best["lora"]["adapter_tokens_per_s"]}
 
     if "vllm" in res and "transformers" in res:
         res["vllm_over_transformers"] = res["vllm"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]

@@ -2,20 +2,22 @@
 
 One run, one set of held-out items:
 
-1. a copy of a policy (default policies/cpu-demo.toml) with its own state_dir under --out, fewer
-   rounds and the sizes given on the command line, run by the real daemon
-   (`selfdistill init`, then `selfdistill run POLICY --burst --max-rounds N`);
+1. a copy of a policy (default policies/cpu-demo.toml) with its own state_dir under --out, an
+   audit split (`tasks.audit_fraction`), no wall clock or plateau stop, and any sizes given on the
+   command line (by default the policy's own), run by the real daemon (`selfdistill init`, then
+   `selfdistill run POLICY --burst --max-rounds N`);
 2. the per-round held-out accuracies the daemon's gates measured (incumbent and candidate, Wilson
    95% intervals, McNemar p) and each round's wall time, from its store;
 3. baselines trained after the loop: plain SFT with the daemon's own training child, from the base,
    on the reference answers of the same training tasks the loop sampled (teacher labelling), for
    the optimizer steps of the final checkpoint's lineage (SFT + DPO steps), or, when no round was
    promoted, for every step the loop spent;
-4. an audit: held-out-split tasks past the first `evaluation.heldout_items` (never seen by a gate),
-   on which the base, the loop's final checkpoint and the SFT baseline are scored by one engine
-   built from the policy's [engine] table, greedy, with the project's verifiers; paired McNemar p.
+4. an audit: the store's audit split (tasks never trained on and never seen by a gate), on which
+   the base, the loop's final checkpoint and the SFT baseline are scored, as on the gate's items,
+   by one engine built from the policy's [engine] table, greedy, with the project's verifiers;
+   paired McNemar p.
 
-Run (about 25 minutes on 2 shared CPU cores):
+Run (about 30 minutes on 2 quiet CPU cores with the demo policy's sizes):
 
     .venv/bin/python benchmarks/learning.py --out bench-out/learning
 
@@ -81,13 +83,16 @@ def make_policy(src: Path, out: Path, a: argparse.Namespace) -> Path:
     data = tomllib.loads(src.read_text())
     data["name"] = "bench-learning"
     data["state_dir"] = str((out / "state").resolve())
-    data.setdefault("tasks", {})["per_round"] = a.per_round
-    data.setdefault("generation", {})["samples_per_task"] = a.samples
-    data.setdefault("evaluation", {})["heldout_items"] = a.heldout
+    tasks = data.setdefault("tasks", {})
+    tasks["audit_fraction"] = a.audit_fraction
     tr = data.setdefault("training", {})
-    tr["epochs"] = a.epochs
-    tr["dpo_epochs"] = a.dpo_epochs
+    for table, key, v in ((tasks, "per_round", a.per_round), (data.setdefault("generation", {}), "samples_per_task", a.samples),
+                          (data.setdefault("evaluation", {}), "heldout_items", a.heldout),
+                          (tr, "epochs", a.epochs), (tr, "dpo_epochs", a.dpo_epochs)):
+        if v is not None:
+            table[key] = v
     st = data.setdefault("stopping", {})
+    a.rounds = a.rounds or st.get("max_rounds") or 4
     st["max_rounds"] = a.rounds
     st.pop("max_wall_s", None)  # the benchmark sizes itself by rounds, not by a clock
     st.pop("plateau_rounds", None)
@@ -107,13 +112,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-demo.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "learning")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--per-round", type=int, default=32)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--heldout", type=int, default=100, help="gate items (evaluation.heldout_items)")
-    ap.add_argument("--audit", type=int, default=100, help="held-out items after the gate's, never gated on")
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--dpo-epochs", type=float, default=1.0)
+    # None: the policy's own value
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default: stopping.max_rounds, else 4)")
+    ap.add_argument("--per-round", type=int, default=None, help="tasks.per_round")
+    ap.add_argument("--samples", type=int, default=None, help="generation.samples_per_task")
+    ap.add_argument("--heldout", type=int, default=None, help="gate items (evaluation.heldout_items)")
+    ap.add_argument("--audit-fraction", type=float, default=0.2, help="tasks.audit_fraction of the copy")
+    ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
+    ap.add_argument("--epochs", type=float, default=None, help="training.epochs")
+    ap.add_argument("--dpo-epochs", type=float, default=None, help="training.dpo_epochs")
     a = ap.parse_args()
 
     from bootstrap import continue_sft, sft_rows, summary
@@ -142,7 +149,8 @@ def main() -> None:
         rounds = store.rounds()
         ckpts = {c["id"]: c for c in store.checkpoints()}
         current = store.current_checkpoint()
-        heldout_all = store.tasks(split="heldout")
+        gate_items = store.tasks(split="heldout", limit=policy.evaluation.heldout_items)
+        audit = store.tasks(split="audit", limit=a.audit)
         used = sorted({t.id for r in rounds for t in store.round_tasks(r["id"])})
         train_tasks = store.tasks(ids=used) if used else []
         runs = [r for r in store.training_runs() if r["status"] == "succeeded"]
@@ -157,8 +165,8 @@ def main() -> None:
             })
     finally:
         store.close()
-    gate_items = heldout_all[: a.heldout]
-    audit = heldout_all[a.heldout: a.heldout + a.audit]
+    if not audit:
+        raise SystemExit(f"{policy.state_dir}: the store has no audit tasks; give --audit-fraction above 0")
 
     lineage, c = [], current
     while c["id"] != "base":

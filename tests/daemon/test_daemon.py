@@ -78,6 +78,9 @@ def test_two_rounds_in_burst_mode_with_vllm(tmp_path, tiny_model_dir, daemon_fac
     assert [r["id"] for r in st["rounds"]] == [1, 2]
     assert st["base_metrics"]["n"] == 8
     assert st["stopped_reason"].startswith("--max-rounds")
+    # on CPU the engine served adapters as merged copies of the base; none outlives the daemon
+    merged = policy.parent / "state" / "cache" / "merged"
+    assert not (merged.is_dir() and list(merged.iterdir())), list(merged.iterdir())
 
 
 def test_sigterm_mid_generation_is_a_warm_stop_then_the_round_continues(tmp_path, tiny_model_dir, daemon_factory):
