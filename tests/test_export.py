@@ -60,6 +60,19 @@ def test_export_refuses_a_broken_adapter(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failed_merge_leaves_nothing_behind(tiny, tmp_path):
+    import shutil
+
+    model_dir, adapter, _ = tiny
+    # the base's weights but no tokenizer: the merge is saved, then the tokenizer step fails
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    with pytest.raises(Exception):
+        export_merged(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.tmp").exists()
+
+
 @pytest.fixture(scope="module")
 def merged(tiny):
     model_dir, adapter, root = tiny

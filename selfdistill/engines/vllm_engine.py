@@ -120,11 +120,10 @@ class VLLMEngine:
         """The LLM serving `adapter` (None: the base) and the LoRA request to pass it, if any."""
         if self._released or (self.llm is None and not self.merged):
             raise EngineError("the vLLM engine is released (training round in progress or closed): call resume() first")
-        if adapter is not None:
-            loaded_adapter(self._adapters, adapter)
+        entry = None if adapter is None else loaded_adapter(self._adapters, adapter)
         if not self.merged:
-            return self.llm, None if adapter is None else self._adapters[adapter]
-        weights = self.model_dir if adapter is None else self._adapters[adapter]
+            return self.llm, entry  # the LoRA request, or None for the base
+        weights = entry or self.model_dir  # the merged copy, or the base
         if self.llm is None or self._serving != weights:
             if self.llm is not None:
                 self._shutdown()
@@ -196,8 +195,7 @@ class VLLMEngine:
         out = self.cache_dir / "merged" / f"{os.getpid()}-{next(_lora_ids)}-{safe}"
         try:
             return export_merged(self.model_dir, adapter_dir, out, {"served_as": name})
-        except Exception as e:
-            shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)
+        except Exception as e:  # export_merged removes its half-written copy
             raise EngineError(f"{adapter_dir}: merging the adapter into {self.model_dir} failed ({e}); "
                               "check the adapter, or set engine.adapter_serving = 'lora'") from e
 
