@@ -7,7 +7,10 @@ package as `_data/store` when installed from a wheel); each migration is applied
 transaction together with its row in `migrations`.
 
 Every write that belongs to a phase goes through `transaction()`, so a crash leaves either all of
-a phase's output or none of it.
+a phase's output or none of it. Rows are written and read through sqlite-utils (`Store.db`); its
+write helpers open a SAVEPOINT inside an open transaction instead of committing, so they join the
+phase's `BEGIN IMMEDIATE` transaction. Only schema-shaped statements (migrations, counters
+updated in place, the promotion's conditional updates) are written as SQL here.
 """
 
 from __future__ import annotations
@@ -64,9 +67,13 @@ class Store:
     """A selfdistill database. `Store.open(path)` for an existing one, `Store.create(path)` to make it."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path):
+        from sqlite_utils import Database
+
         self.conn = conn
         self.path = path
         self._in_tx = False
+        # No plugins, no PRAGMA changes: the store sets its own connection up in _connect.
+        self.db = Database(conn, recursive_triggers=False, execute_plugins=False)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -91,13 +98,12 @@ class Store:
             os.close(fd)
         except OSError as e:
             raise StoreError(f"{p}: cannot create the database ({e.strerror}); check the state directory's permissions") from None
-        conn = cls._connect(p)
+        store = cls(cls._connect(p), p)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA application_id = {APP_ID}")
+            store.db.enable_wal()
+            store.conn.execute(f"PRAGMA application_id = {APP_ID}")
         except sqlite3.Error as e:
             raise StoreError(f"{p}: cannot initialise the database ({e})") from None
-        store = cls(conn, p)
         store.migrate()
         return store
 
@@ -196,7 +202,23 @@ class Store:
             raise _store_error(self.path, e) from None
 
     def query(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.execute(sql, params).fetchall()]
+        """Rows as dicts (sqlite-utils' query: a statement that returns no rows is refused and rolled back)."""
+        try:
+            return list(self.db.query(sql, params if isinstance(params, dict) else list(params)))
+        except sqlite3.OperationalError as e:
+            raise _store_error(self.path, e) from None
+
+    def _insert(self, table: str, row: dict[str, Any], **kw: Any) -> int:
+        """Insert one row (joining an open transaction); returns its rowid."""
+        with self.transaction():
+            return self.db[table].insert(row, **kw).last_rowid
+
+    def _insert_all(self, table: str, rows: Iterable[dict[str, Any]], **kw: Any) -> int:
+        """Insert many rows in one transaction; returns how many were written (INSERT OR IGNORE skips count as 0)."""
+        with self.transaction():
+            before = self.conn.total_changes
+            self.db[table].insert_all(rows, **kw)
+            return self.conn.total_changes - before
 
     def integrity_check(self) -> str:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0]
@@ -208,7 +230,7 @@ class Store:
         pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
         free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
         if pages and free / pages >= min_free_fraction:
-            self.conn.execute("VACUUM")
+            self.db.vacuum()
             return True
         return False
 
@@ -220,15 +242,11 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction():
-            self.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+            self.db["meta"].upsert({"key": key, "value": value}, pk="key")
 
     def event(self, kind: str, message: str, *, level: str = "info", round_id: int | None = None, data: dict | None = None) -> int:
-        with self.transaction():
-            cur = self.execute(
-                "INSERT INTO events(ts, round_id, level, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
-                (_now(), round_id, level, kind, message, _j(data or {})),
-            )
-            return cur.lastrowid
+        return self._insert("events", {"ts": _now(), "round_id": round_id, "level": level, "kind": kind,
+                                       "message": message, "data": _j(data or {})})
 
     def events(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if kind:
@@ -239,21 +257,11 @@ class Store:
 
     def add_tasks(self, tasks: Iterable[TaskIn], heldout_fraction: float, audit_fraction: float = 0.0) -> tuple[int, int]:
         """Insert new tasks (idempotent by key); returns (added, already present)."""
-        added = existing = 0
-        with self.transaction():
-            for t in tasks:
-                key = t.key
-                cur = self.execute(
-                    "INSERT OR IGNORE INTO tasks(key, source, prompt, answer, verifier, category, metadata, split, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, t.source, t.prompt, t.answer, t.verifier, t.category, _j(t.metadata),
-                     split_for(key, heldout_fraction, audit_fraction), _now()),
-                )
-                if cur.rowcount:
-                    added += 1
-                else:
-                    existing += 1
-        return added, existing
+        rows = [{"key": t.key, "source": t.source, "prompt": t.prompt, "answer": t.answer, "verifier": t.verifier,
+                 "category": t.category, "metadata": _j(t.metadata), "split": split_for(t.key, heldout_fraction, audit_fraction),
+                 "created_at": _now()} for t in tasks]
+        added = self._insert_all("tasks", rows, ignore=True)
+        return added, len(rows) - added
 
     @staticmethod
     def _task(row: sqlite3.Row | dict) -> Task:
@@ -279,7 +287,7 @@ class Store:
         sql += " ORDER BY id"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        return [self._task(r) for r in self.execute(sql, params).fetchall()]
+        return [self._task(r) for r in self.query(sql, params)]
 
     def count_tasks(self) -> dict[str, int]:
         return {r["split"]: r["n"] for r in self.query("SELECT split, count(*) AS n FROM tasks GROUP BY split")}
@@ -292,12 +300,7 @@ class Store:
         return _decode(rows[0]) if rows else None
 
     def create_round(self, incumbent_id: str) -> int:
-        with self.transaction():
-            cur = self.execute(
-                "INSERT INTO rounds(phase, status, incumbent_id, started_at) VALUES ('sample', 'running', ?, ?)",
-                (incumbent_id, _now()),
-            )
-            return cur.lastrowid
+        return self._insert("rounds", {"phase": "sample", "status": "running", "incumbent_id": incumbent_id, "started_at": _now()})
 
     def get_round(self, round_id: int) -> dict[str, Any]:
         rows = self.query("SELECT * FROM rounds WHERE id = ?", (round_id,))
@@ -315,26 +318,22 @@ class Store:
         """Set round columns; dict/list values are stored as JSON. Joins an open transaction."""
         if not fields:
             return
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        vals = [(_j(v) if isinstance(v, (dict, list)) else v) for v in fields.values()]
         with self.transaction():
-            self.execute(f"UPDATE rounds SET {cols} WHERE id = ?", (*vals, round_id))
+            self.db["rounds"].update(round_id, {k: (_j(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()})
 
     def merge_round_metrics(self, round_id: int, metrics: dict[str, Any]) -> None:
         with self.transaction():
-            cur = json.loads(self.execute("SELECT metrics FROM rounds WHERE id = ?", (round_id,)).fetchone()[0])
+            cur = json.loads(self.db["rounds"].get(round_id)["metrics"])
             cur.update(metrics)
-            self.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (_j(cur), round_id))
+            self.db["rounds"].update(round_id, {"metrics": _j(cur)})
 
     def record_phase(self, round_id: int, phase: str, started_at: float, counts: dict[str, Any], next_phase: str) -> None:
         """Close a phase (its duration and counts) and move the round on, in the current transaction."""
         now = _now()
         with self.transaction():
-            self.execute(
-                "INSERT INTO phases(round_id, phase, started_at, finished_at, duration_s, counts) VALUES (?, ?, ?, ?, ?, ?)",
-                (round_id, phase, started_at, now, now - started_at, _j(counts)),
-            )
-            self.execute("UPDATE rounds SET phase = ? WHERE id = ?", (next_phase, round_id))
+            self._insert("phases", {"round_id": round_id, "phase": phase, "started_at": started_at, "finished_at": now,
+                                    "duration_s": now - started_at, "counts": _j(counts)})
+            self.db["rounds"].update(round_id, {"phase": next_phase})
 
     def phases(self, round_id: int | None = None) -> list[dict[str, Any]]:
         if round_id is None:
@@ -343,33 +342,33 @@ class Store:
 
     def set_round_tasks(self, round_id: int, task_ids: list[int]) -> None:
         with self.transaction():
-            self.execute("DELETE FROM round_tasks WHERE round_id = ?", (round_id,))
-            self.conn.executemany("INSERT INTO round_tasks(round_id, task_id) VALUES (?, ?)", [(round_id, t) for t in task_ids])
+            self.db["round_tasks"].delete_where("round_id = ?", [round_id])
+            self._insert_all("round_tasks", ({"round_id": round_id, "task_id": t} for t in task_ids))
             if task_ids:
                 self.execute(f"UPDATE tasks SET uses = uses + 1 WHERE id IN ({','.join('?' * len(task_ids))})", task_ids)
 
     def round_tasks(self, round_id: int) -> list[Task]:
-        rows = self.execute(
-            "SELECT t.* FROM tasks t JOIN round_tasks rt ON rt.task_id = t.id WHERE rt.round_id = ? ORDER BY t.id", (round_id,)
-        ).fetchall()
+        rows = self.query(
+            "SELECT t.* FROM tasks t JOIN round_tasks rt ON rt.task_id = t.id WHERE rt.round_id = ? ORDER BY t.id", (round_id,))
         return [self._task(r) for r in rows]
 
     # -- generations and scores ------------------------------------------------------------
 
     def add_generations(self, rows: list[dict[str, Any]]) -> list[int]:
         """rows: round_id, task_id, checkpoint_id, purpose, sample_index, prompt, text, params, prompt_tokens, completion_tokens, finish_reason."""
-        ids = []
+        now = _now()
         with self.transaction():
-            for r in rows:
-                cur = self.execute(
-                    "INSERT INTO generations(round_id, task_id, checkpoint_id, purpose, sample_index, prompt, text, params, "
-                    "prompt_tokens, completion_tokens, finish_reason, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (r.get("round_id"), r["task_id"], r["checkpoint_id"], r["purpose"], r.get("sample_index", 0), r["prompt"],
-                     r["text"], _j(r.get("params", {})), r.get("prompt_tokens", 0), r.get("completion_tokens", 0),
-                     r.get("finish_reason"), _now()),
-                )
-                ids.append(cur.lastrowid)
-        return ids
+            n = self._insert_all("generations", (
+                {"round_id": r.get("round_id"), "task_id": r["task_id"], "checkpoint_id": r["checkpoint_id"], "purpose": r["purpose"],
+                 "sample_index": r.get("sample_index", 0), "prompt": r["prompt"], "text": r["text"], "params": _j(r.get("params", {})),
+                 "prompt_tokens": r.get("prompt_tokens", 0), "completion_tokens": r.get("completion_tokens", 0),
+                 "finish_reason": r.get("finish_reason"), "created_at": now} for r in rows))
+            if not n:
+                return []
+            # One writer holds the transaction (BEGIN IMMEDIATE) and the id is a plain INTEGER PRIMARY KEY, so SQLite
+            # gives the rows consecutive ids ending at the last one inserted.
+            last = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            return list(range(last - n + 1, last + 1))
 
     def generations(self, round_id: int, purpose: str = "train") -> list[dict[str, Any]]:
         return [_decode(r) for r in self.query(
@@ -378,21 +377,19 @@ class Store:
     def delete_generations(self, round_id: int, purpose: str) -> int:
         """Drop a round's generations of one purpose (and their scores): a phase restarting from scratch."""
         with self.transaction():
-            self.execute(
-                "DELETE FROM scores WHERE generation_id IN (SELECT id FROM generations WHERE round_id = ? AND purpose = ?)",
-                (round_id, purpose),
-            )
-            return self.execute("DELETE FROM generations WHERE round_id = ? AND purpose = ?", (round_id, purpose)).rowcount
+            self.db["scores"].delete_where(
+                "generation_id IN (SELECT id FROM generations WHERE round_id = ? AND purpose = ?)", [round_id, purpose])
+            before = self.conn.total_changes
+            self.db["generations"].delete_where("round_id = ? AND purpose = ?", [round_id, purpose])
+            return self.conn.total_changes - before
 
     def add_scores(self, rows: list[dict[str, Any]]) -> None:
         """rows: generation_id, scorer, score (None = unparseable), correct, parsed, details."""
-        with self.transaction():
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO scores(generation_id, scorer, score, correct, parsed, details, created_at) VALUES (?,?,?,?,?,?,?)",
-                [(r["generation_id"], r["scorer"], r.get("score"),
-                  None if r.get("correct") is None else int(bool(r["correct"])),
-                  int(r.get("parsed", True)), _j(r.get("details", {})), _now()) for r in rows],
-            )
+        now = _now()
+        self._insert_all("scores", (
+            {"generation_id": r["generation_id"], "scorer": r["scorer"], "score": r.get("score"),
+             "correct": None if r.get("correct") is None else int(bool(r["correct"])), "parsed": int(r.get("parsed", True)),
+             "details": _j(r.get("details", {})), "created_at": now} for r in rows), replace=True)
 
     def scores_for_round(self, round_id: int, purpose: str = "train") -> list[dict[str, Any]]:
         return [_decode(r) for r in self.query(
@@ -416,26 +413,19 @@ class Store:
         """Insert a round's pairs and examples (duplicates of earlier ones are ignored)."""
         now = _now()
         with self.transaction():
-            np_ = ns = 0
-            for p in pairs:
-                np_ += self.execute(
-                    "INSERT OR IGNORE INTO pairs(round_id, task_id, prompt, chosen, rejected, chosen_gen_id, rejected_gen_id, "
-                    "margin, weight, source, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (round_id, p.task_id, p.prompt, p.chosen, p.rejected, p.chosen_gen_id, p.rejected_gen_id,
-                     p.margin, p.weight, p.source, now),
-                ).rowcount
-            for s in sft:
-                ns += self.execute(
-                    "INSERT OR IGNORE INTO sft_examples(round_id, task_id, prompt, completion, generation_id, weight, source, created_at) "
-                    "VALUES (?,?,?,?,?,?,?,?)",
-                    (round_id, s.task_id, s.prompt, s.completion, s.generation_id, s.weight, s.source, now),
-                ).rowcount
+            np_ = self._insert_all("pairs", (
+                {"round_id": round_id, "task_id": p.task_id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                 "chosen_gen_id": p.chosen_gen_id, "rejected_gen_id": p.rejected_gen_id, "margin": p.margin, "weight": p.weight,
+                 "source": p.source, "created_at": now} for p in pairs), ignore=True)
+            ns = self._insert_all("sft_examples", (
+                {"round_id": round_id, "task_id": s.task_id, "prompt": s.prompt, "completion": s.completion,
+                 "generation_id": s.generation_id, "weight": s.weight, "source": s.source, "created_at": now} for s in sft), ignore=True)
         return np_, ns
 
     def delete_training_data(self, round_id: int) -> None:
         with self.transaction():
-            self.execute("DELETE FROM pairs WHERE round_id = ?", (round_id,))
-            self.execute("DELETE FROM sft_examples WHERE round_id = ?", (round_id,))
+            self.db["pairs"].delete_where("round_id = ?", [round_id])
+            self.db["sft_examples"].delete_where("round_id = ?", [round_id])
 
     def training_data(self, round_id: int, scope: str = "all", replay_fraction: float = 0.0, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
         """The SFT examples and pairs a training round may use, read in one snapshot.
@@ -487,11 +477,8 @@ class Store:
     # -- training runs ---------------------------------------------------------------------
 
     def start_training_run(self, round_id: int, attempt: int, spec: dict[str, Any]) -> int:
-        with self.transaction():
-            return self.execute(
-                "INSERT INTO training_runs(round_id, attempt, status, spec, started_at) VALUES (?, ?, 'running', ?, ?)",
-                (round_id, attempt, _j(spec), _now()),
-            ).lastrowid
+        return self._insert("training_runs", {"round_id": round_id, "attempt": attempt, "status": "running", "spec": _j(spec),
+                                              "started_at": _now()})
 
     def finish_training_run(self, run_id: int, status: str, metrics: dict[str, Any], error: str | None, pid: int | None = None) -> None:
         with self.transaction():
@@ -516,12 +503,8 @@ class Store:
             )
 
     def add_checkpoint(self, ckpt_id: str, parent_id: str, round_id: int, path: str, training: dict[str, Any]) -> None:
-        with self.transaction():
-            self.execute(
-                "INSERT OR REPLACE INTO checkpoints(id, parent_id, round_id, path, status, training, created_at) "
-                "VALUES (?, ?, ?, ?, 'candidate', ?, ?)",
-                (ckpt_id, parent_id, round_id, path, _j(training), _now()),
-            )
+        self._insert("checkpoints", {"id": ckpt_id, "parent_id": parent_id, "round_id": round_id, "path": path,
+                                     "status": "candidate", "training": _j(training), "created_at": _now()}, replace=True)
 
     def checkpoint(self, ckpt_id: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM checkpoints WHERE id = ?", (ckpt_id,))
@@ -554,11 +537,8 @@ class Store:
                 "UPDATE checkpoints SET is_current = 1, status = ?, promoted_at = coalesce(promoted_at, ?), reason = ? WHERE id = ?",
                 (new_status, _now(), reason, ckpt_id),
             )
-            self.execute(
-                "INSERT INTO events(ts, round_id, level, kind, message, data) VALUES (?, ?, 'info', ?, ?, ?)",
-                (_now(), round_id, kind, f"{kind}: {prev[0] if prev else None} -> {ckpt_id}: {reason}",
-                 _j({"from": prev[0] if prev else None, "to": ckpt_id})),
-            )
+            self.event(kind, f"{kind}: {prev[0] if prev else None} -> {ckpt_id}: {reason}", round_id=round_id,
+                       data={"from": prev[0] if prev else None, "to": ckpt_id})
             if kind == "rollback" and prev and prev[0] not in ("base", ckpt_id):
                 self.execute("UPDATE checkpoints SET status = 'rejected', reason = ? WHERE id = ?", (f"rolled back: {reason}", prev[0]))
             return prev[0] if prev else "base"
@@ -587,15 +567,11 @@ class Store:
 
     def add_evaluation(self, checkpoint_id: str, suite: str, metrics: dict[str, Any], items: list[dict[str, Any]], round_id: int | None = None) -> int:
         with self.transaction():
-            eid = self.execute(
-                "INSERT INTO evaluations(round_id, checkpoint_id, suite, metrics, created_at) VALUES (?, ?, ?, ?, ?)",
-                (round_id, checkpoint_id, suite, _j(metrics), _now()),
-            ).lastrowid
-            self.conn.executemany(
-                "INSERT INTO eval_items(evaluation_id, task_id, correct, score, text, tokens) VALUES (?,?,?,?,?,?)",
-                [(eid, it["task_id"], None if it.get("correct") is None else int(bool(it["correct"])), it.get("score"),
-                  it.get("text", ""), it.get("tokens", 0)) for it in items],
-            )
+            eid = self._insert("evaluations", {"round_id": round_id, "checkpoint_id": checkpoint_id, "suite": suite,
+                                               "metrics": _j(metrics), "created_at": _now()})
+            self._insert_all("eval_items", (
+                {"evaluation_id": eid, "task_id": it["task_id"], "correct": None if it.get("correct") is None else int(bool(it["correct"])),
+                 "score": it.get("score"), "text": it.get("text", ""), "tokens": it.get("tokens", 0)} for it in items))
             return eid
 
     def latest_evaluation(self, checkpoint_id: str, suite: str, task_ids: list[int] | None = None) -> dict[str, Any] | None:
@@ -619,12 +595,9 @@ class Store:
 
     def add_judge_health(self, judge: str, healthy: bool, agreement: float | None, position_bias: float | None,
                          distinct_scores: int | None, details: dict[str, Any], round_id: int | None = None) -> None:
-        with self.transaction():
-            self.execute(
-                "INSERT INTO judge_health(round_id, judge, agreement, position_bias, distinct_scores, healthy, details, created_at) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (round_id, judge, agreement, position_bias, distinct_scores, int(healthy), _j(details), _now()),
-            )
+        self._insert("judge_health", {"round_id": round_id, "judge": judge, "agreement": agreement, "position_bias": position_bias,
+                                      "distinct_scores": distinct_scores, "healthy": int(healthy), "details": _j(details),
+                                      "created_at": _now()})
 
     def latest_judge_health(self, judge: str) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM judge_health WHERE judge = ? ORDER BY id DESC LIMIT 1", (judge,))

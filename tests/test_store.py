@@ -146,6 +146,33 @@ def test_failed_transaction_leaves_nothing(store):
     assert store.phases(rid) == []
 
 
+def test_batched_writes_join_the_phase_transaction_and_return_their_ids(store):
+    """The store writes rows through sqlite-utils; its helpers must join the phase's open transaction
+    (a SAVEPOINT), not commit on their own, or a crash mid-phase would leave half a phase behind."""
+    store.add_tasks([TaskIn(source="t", prompt=f"q{i}", answer=str(i)) for i in range(3)], heldout_fraction=0.0)
+    tid = store.tasks()[0].id
+    rid = store.create_round("base")
+    rows = [{"round_id": rid, "task_id": tid, "checkpoint_id": "base", "purpose": "train", "sample_index": i,
+             "prompt": "q", "text": f"a{i}", "params": {"t": 1.0}} for i in range(5)]
+    first = store.add_generations(rows[:2])
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            gids = store.add_generations(rows)
+            store.add_scores([{"generation_id": g, "scorer": "v", "score": 1.0, "correct": True} for g in gids])
+            store.add_training_data(rid, [PairRecord(task_id=tid, prompt="q", chosen="a", rejected="b", chosen_gen_id=gids[0],
+                                                     rejected_gen_id=gids[1], margin=1.0, weight=1.0, source="verifier")], [])
+            store.event("x", "inside")
+            raise RuntimeError("crash mid-phase")
+    assert [g["id"] for g in store.generations(rid)] == first
+    assert store.query("SELECT count(*) AS n FROM scores")[0]["n"] == 0
+    assert store.query("SELECT count(*) AS n FROM pairs")[0]["n"] == 0
+    assert store.events("x") == []
+    gids = store.add_generations(rows)
+    got = {g["id"]: g["text"] for g in store.generations(rid)}
+    assert [got[g] for g in gids] == [f"a{i}" for i in range(5)]  # returned ids are the rows' ids, in order
+    assert store.generations(rid)[0]["params"] == {"t": 1.0}
+
+
 def test_readers_while_a_writer_holds_a_transaction(store):
     reader = Store.open(store.path, readonly=True)
     with store.transaction():
