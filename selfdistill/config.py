@@ -360,6 +360,14 @@ class LoggingConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
 
+class MonitoringConfig(_Model):
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Serve Prometheus metrics at http://ADDR:PORT/metrics while the daemon runs (unset: off; 0: any free port, logged).",
+    )
+    prometheus_addr: str = Field("127.0.0.1", min_length=1, description="Address the metrics endpoint listens on (0.0.0.0 for every interface).")
+
+
 class Policy(_Model):
     """A whole policy file."""
 
@@ -379,6 +387,7 @@ class Policy(_Model):
     stopping: StoppingConfig = Field(default_factory=StoppingConfig, description="When the daemon stops.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="What is kept on disk.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log format.")
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="The optional Prometheus endpoint.")
 
     @model_validator(mode="after")
     def _coherent(self) -> "Policy":

@@ -55,7 +55,8 @@ EXIT_POLICY = StoppedByPolicy.exit_code
 
 # Parts of a policy a SIGHUP may change while running; everything else needs a restart.
 RELOADABLE = {"generation", "scoring", "pairs", "training", "evaluation", "gates", "schedule", "stopping", "retention", "logging", "name"}
-FROZEN_PATHS = [("state_dir",), ("student",), ("engine",), ("teacher",), ("tasks", "heldout_fraction"), ("tasks", "sources")]
+FROZEN_PATHS = [("state_dir",), ("student",), ("engine",), ("teacher",), ("tasks", "heldout_fraction"), ("tasks", "sources"),
+                ("monitoring",)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1028,7 +1029,14 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         self.cycle = Cycle(self.policy, store, self.run_state, progress=self.progress, max_rounds=self.max_rounds)
+        metrics = None
         try:
+            mon = self.policy.monitoring
+            if mon.prometheus_port is not None:
+                from selfdistill.prometheus import MetricsServer
+
+                metrics = MetricsServer(self.policy.state_dir / DB_NAME, self.policy.name, mon.prometheus_addr, mon.prometheus_port)
+                log("prometheus metrics", url=metrics.url)
             self.cycle.recover()
             counts = ingest_tasks(self.policy, store)
             store.event("start", f"daemon started (PID {os.getpid()})", data={"burst": self.burst, "max_rounds": self.max_rounds, **counts})
@@ -1059,6 +1067,8 @@ class Daemon:
                 from selfdistill.report import print_summary
 
                 print_summary(self.policy, store)
+            if metrics is not None:
+                metrics.close()
             self.cycle.close()
             store.close()
             lock.release()

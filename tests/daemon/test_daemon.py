@@ -1,5 +1,5 @@
 """The daemon as a real process on the tiny model: rounds in burst mode, warm and cold stops,
-kill -9 and restart, stopping policies, SIGHUP, the single-instance lock."""
+kill -9 and restart, stopping policies, SIGHUP, the single-instance lock, the metrics endpoint."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from selfdistill.checkpoints import read_current
 
@@ -157,9 +159,19 @@ def test_kill9_then_restart_loses_nothing(tmp_path, tiny_model_dir, daemon_facto
 
 
 def test_lock_refuses_a_second_daemon(tmp_path, tiny_model_dir, daemon_factory):
-    policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
+    policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="",
+                         extra="[monitoring]\nprometheus_port = 0")
     d = daemon_factory(policy, env={"SELFDISTILL_TEST_DELAY": "generate:60"})
     d.wait_for(lambda r: r.get("event") == "test delay")
+    # the running daemon serves Prometheus metrics from its store, on a free port it logs
+    url = d.wait_for(lambda r: r.get("event") == "prometheus metrics")["url"]
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(urllib.request.urlopen(url, timeout=30).read().decode())
+               for s in fam.samples}
+    assert metrics[("selfdistill_round_phase", (("phase", "generate"),))] == 1
+    assert metrics[("selfdistill_round_phase", (("phase", "train"),))] == 0
+    assert metrics[("selfdistill_info", (("current_checkpoint", "base"), ("name", "tiny")))] == 1
+    assert metrics[("selfdistill_round", ())] == 1
     d2 = daemon_factory(policy)
     assert d2.wait(60) != 0
     err = d2.stderr_path.read_text()
