@@ -230,7 +230,7 @@ def _train_sft(spec, tok, model, rows, scratch, callbacks):
     )
     trainer = _weighted(SFTTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=callbacks)
     trainer.train()
-    return trainer.state.global_step
+    return trainer
 
 
 def _train_preference(spec, tok, model, rows, scratch, callbacks, incumbent_snapshot):
@@ -286,16 +286,33 @@ def _train_preference(spec, tok, model, rows, scratch, callbacks, incumbent_snap
             for name, value in incumbent_snapshot.items():
                 params[name.replace(".default.", ".ref.")].data.copy_(value)
     trainer.train()
-    return trainer.state.global_step
+    return trainer
 
 
-def save_adapter(model, out: Path) -> None:
-    """Write the "default" adapter to a hidden sibling, fsync it, rename it to `out`."""
+def gathered_state_dict(trainer) -> dict | None:
+    """The whole model's state dict, collected from every rank, or None in a single process.
+
+    Every rank must call this (it is a collective under DeepSpeed ZeRO-3 and FSDP, where each rank
+    holds only a shard of the adapter); it is what transformers' Trainer.save_model does before
+    its main process writes. Under DDP it is the unwrapped model's own state dict."""
+    if _world_size() <= 1:
+        return None
+    acc = trainer.accelerator
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return acc.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine
+    return acc.get_state_dict(trainer.model)
+
+
+def save_adapter(model, out: Path, state_dict: dict | None = None) -> None:
+    """Write the "default" adapter to a hidden sibling, fsync it, rename it to `out`.
+
+    `state_dict`: the gathered weights of a sharded run (see gathered_state_dict); peft picks the
+    "default" adapter's tensors out of it."""
     from safetensors import SafetensorError
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), selected_adapters=["default"])
+        model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state_dict)
         for p in tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb+") as f:
@@ -367,9 +384,10 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
                 callbacks = _callbacks(guard, log, int(inject) if inject and i == 0 else None)
                 t = time.monotonic()
                 if stage == "sft":
-                    steps = _train_sft(spec, tok, model, sft_rows, scratch, callbacks)
+                    trainer = _train_sft(spec, tok, model, sft_rows, scratch, callbacks)
                 else:
-                    steps = _train_preference(spec, tok, model, pair_rows, scratch, callbacks, incumbent_snapshot)
+                    trainer = _train_preference(spec, tok, model, pair_rows, scratch, callbacks, incumbent_snapshot)
+                steps = trainer.state.global_step
                 rows = len(sft_rows) if stage == "sft" else len(pair_rows)
                 metrics.update(_stage_metrics(stage, log, rows, time.monotonic() - t, steps))
                 stages[stage] = "trained"
@@ -380,9 +398,10 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         metrics["steps"] = sum(metrics.get(f"{s}_steps", 0) for s in todo)
         metrics["tokens"] = sum(metrics.get(f"{s}_tokens", 0) for s in todo)
         metrics["train_s"] = round(sum(metrics.get(f"{s}_train_s", 0) for s in todo), 3)
+        t = time.monotonic()
+        state_dict = gathered_state_dict(trainer)  # on every rank: a collective when the adapter is sharded
         if _rank() == 0:
-            t = time.monotonic()
-            save_adapter(model, spec.output_dir)
+            save_adapter(model, spec.output_dir, state_dict)
             metrics["save_s"] = round(time.monotonic() - t, 3)
         status, reason, adapter = "succeeded", None, spec.output_dir
     except RoundFailed as e:

@@ -118,4 +118,8 @@ def test_torchrun_two_processes(make_spec, adapter_tensors):
     assert result.metrics["sft_steps"] == 1 and result.metrics["dpo_steps"] == 1
     weights = adapter_tensors(spec.output_dir)
     assert all(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)
+    # saved from the state dict gathered on every rank (the path ZeRO-3/FSDP need): the trained
+    # adapter alone, every LoRA module's A and B, none of DPO's frozen reference copy
+    assert weights and all(("lora_A" in k or "lora_B" in k) and ".ref." not in k for k in weights)
+    assert {k.replace("lora_A", "lora_B") for k in weights if "lora_A" in k} == {k for k in weights if "lora_B" in k}
     assert sorted(p.name for p in spec.output_dir.parent.iterdir()) == ["ddp"]

@@ -183,3 +183,23 @@ def test_trained_adapter_loads_with_peft_and_changes_outputs(make_spec, tiny_bas
         model = PeftModel.from_pretrained(base, str(incumbent))
         after = model(ids).logits
     assert not torch.allclose(before, after)
+
+
+def test_a_sharded_run_saves_the_gathered_adapter_not_the_local_shard(make_spec, adapter_tensors):
+    """Under ZeRO-3/FSDP a rank's own LoRA parameters are empty shards; the adapter rank 0 writes
+    must come from the state dict gathered across ranks (gathered_state_dict)."""
+    import torch
+
+    from selfdistill.training.run import save_adapter
+
+    spec = make_spec("sharded", algorithm="sft")
+    _, model = load_model(spec)
+    gathered = {k: torch.full_like(v, 0.5) if "lora_" in k else v for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.zero_()  # what a rank holds locally once its shard is released
+    save_adapter(model, spec.output_dir, gathered)
+    saved = adapter_tensors(spec.output_dir)
+    assert saved and all(torch.all(t == 0.5) for t in saved.values())
+    assert hidden_leftovers(spec) == []
