@@ -5,6 +5,7 @@ layer's overhead against raw `vllm.LLM.generate` on the same token ids.
 
     .venv/bin/python benchmarks/engines.py --model bundled --dtype bfloat16 --prompts 16 --samples 8 --tokens 48
     .venv/bin/python benchmarks/engines.py --model bundled --engines serving   # LoRA path vs merged
+    .venv/bin/python benchmarks/engines.py --model bundled --engines merge     # merged copy: base dtype vs served dtype
 
 Prints one JSON object; the figures go into benchmarks/RESULTS.md ("## Engines").
 """
@@ -66,7 +67,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the transformers engine")
     ap.add_argument("--batch-size", type=int, default=32, help="transformers engine batch")
     ap.add_argument("--engines", default="transformers,vllm",
-                    help="comma list of: transformers, vllm, serving (vLLM's LoRA path against merged weights)")
+                    help="comma list of: transformers, vllm, serving (vLLM's LoRA path against merged weights), "
+                         "merge (a merged copy saved in the base's dtype against the served --dtype)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved engine-layer / raw vLLM runs (best is kept)")
     args = ap.parse_args()
 
@@ -171,6 +173,19 @@ def main() -> None:
         best = {m: max((r for k, r in runs if k == m), key=lambda r: r["adapter_tokens_per_s"]) for m in ("lora", "merged")}
         res["serving"] = {"runs": [{"mode": k, **r} for k, r in runs], **best,
                           "merged_over_lora_adapter_tokens_per_s": best["merged"]["adapter_tokens_per_s"] / best["lora"]["adapter_tokens_per_s"]}
+
+    if "merge" in args.engines:
+        # The merged copy the vLLM engine writes per adapter version: in the base's own dtype against
+        # the dtype it serves (--dtype), A-B-A in one run; time and size on disk of each.
+        from selfdistill.export import export_merged
+
+        def merge(dtype: str | None, i: int) -> dict:
+            out, dt = timed(lambda: export_merged(model_dir, ad1, work / f"merged-{i}", dtype=dtype))
+            mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
+            return {"dtype": dtype or "base", "merge_s": dt, "mb": mb}
+
+        runs = [merge(None, 0), merge(args.dtype, 1), merge(None, 2)]
+        res["merge"] = {"runs": runs, "served_over_base_s": runs[1]["merge_s"] / min(runs[0]["merge_s"], runs[2]["merge_s"])}
 
     if "vllm" in res and "transformers" in res:
         res["vllm_over_transformers"] = res["vllm"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]

@@ -77,8 +77,12 @@ def export_merged(
     adapter_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     metadata: dict[str, Any] | None = None,
+    dtype: str | None = None,
 ) -> Path:
-    """Merge the adapter into the base and save model + tokenizer to `out_dir`; return it."""
+    """Merge the adapter into the base and save model + tokenizer to `out_dir`; return it.
+
+    The merge runs in the base's dtype; `dtype` ("bfloat16", "float16", "float32") then casts the
+    merged weights for saving (the vLLM engine saves its copies in the dtype it serves)."""
     src = verify_adapter_dir(adapter_dir)
     base_dir = Path(base_model_dir)
     if not (base_dir / "config.json").is_file():
@@ -92,6 +96,10 @@ def export_merged(
 
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
         merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+        if dtype not in (None, "auto"):
+            import torch
+
+            merged = merged.to(getattr(torch, dtype))
         merged.save_pretrained(str(tmp), safe_serialization=True)
         # A trainer may have saved the tokenizer beside the adapter (e.g. a new chat template);
         # it wins over the base's.

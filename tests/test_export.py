@@ -97,6 +97,20 @@ def test_merged_model_equals_base_plus_adapter(tiny, merged):
     assert json.loads((merged / "selfdistill.json").read_text())["kind"] == "merged-model"
 
 
+def test_merged_copy_in_the_served_dtype(tiny, merged, tmp_path):
+    """The vLLM engine saves its merged copies in the dtype it serves: the weights are the float32
+    merge rounded once, and the files are half the size."""
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir, adapter, _ = tiny
+    half = export_merged(model_dir, adapter, tmp_path / "bf16", dtype="bfloat16")
+    a, b = load_file(str(merged / "model.safetensors")), load_file(str(half / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].to(torch.bfloat16)) for k in a)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (merged / "model.safetensors").stat().st_size
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_merged_model_loads_in_vllm(tiny, merged, tmp_path, monkeypatch):

@@ -194,7 +194,8 @@ class VLLMEngine:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         out = self.cache_dir / "merged" / f"{os.getpid()}-{next(_lora_ids)}-{safe}"
         try:
-            return export_merged(self.model_dir, adapter_dir, out, {"served_as": name})
+            # saved in the dtype served: half the disk and write time of a float32 base, same weights in vLLM
+            return export_merged(self.model_dir, adapter_dir, out, {"served_as": name}, dtype=self.cfg.dtype)
         except Exception as e:  # export_merged removes its half-written copy
             raise EngineError(f"{adapter_dir}: merging the adapter into {self.model_dir} failed ({e}); "
                               "check the adapter, or set engine.adapter_serving = 'lora'") from e
