@@ -15,6 +15,27 @@ from typing import Any, Iterator
 PHASES = ["sample", "generate", "score", "pair", "train", "evaluate", "decide", "promote"]
 
 
+# (counter?, name, help, labels, SQL whose last column is the value and the others the labels)
+BY_LABELS = [
+    (True, "selfdistill_rounds", "Rounds by decision ('' while running).", ["decision"],
+     "SELECT coalesce(decision, ''), count(*) FROM rounds GROUP BY 1"),
+    (True, "selfdistill_generations", "Answers generated, by purpose (train, eval, ...).", ["purpose"],
+     "SELECT purpose, count(*) FROM generations GROUP BY purpose"),
+    (True, "selfdistill_generated_tokens", "Completion tokens generated, by purpose.", ["purpose"],
+     "SELECT purpose, coalesce(sum(completion_tokens), 0) FROM generations GROUP BY purpose"),
+    (True, "selfdistill_training_rows", "Pairs and SFT examples stored, by kind and signal source.", ["kind", "source"],
+     "SELECT 'pair', source, count(*) FROM pairs GROUP BY source UNION ALL "
+     "SELECT 'sft', source, count(*) FROM sft_examples GROUP BY source"),
+    (True, "selfdistill_training_runs", "Training child runs, by outcome.", ["status"],
+     "SELECT status, count(*) FROM training_runs GROUP BY status"),
+    (True, "selfdistill_events", "Stored events by kind (promote, rollback, teacher_unavailable, ...).", ["kind", "level"],
+     "SELECT kind, level, count(*) FROM events GROUP BY kind, level"),
+    (False, "selfdistill_judge_healthy", "1 when a judge's latest health check passed.", ["judge"],
+     "SELECT judge, healthy FROM judge_health WHERE id IN (SELECT max(id) FROM judge_health GROUP BY judge)"),
+    (False, "selfdistill_tasks", "Tasks in the store, by split.", ["split"], "SELECT split, count(*) FROM tasks GROUP BY split"),
+]
+
+
 class StoreCollector:
     """A prometheus_client collector that reads the store at every scrape."""
 
@@ -44,11 +65,6 @@ class StoreCollector:
                     acc.add_metric([label], float(ev["metrics"]["accuracy"]))
             yield acc
 
-            rounds = CounterMetricFamily("selfdistill_rounds", "Rounds by decision ('' while running).", labels=["decision"])
-            for r in q("SELECT coalesce(decision, '') AS d, count(*) AS n FROM rounds GROUP BY d"):
-                rounds.add_metric([r["d"]], r["n"])
-            yield rounds
-
             phase = GaugeMetricFamily("selfdistill_round_phase", "1 for the phase the running round is in, 0 for the others.",
                                       labels=["phase"])
             running = q("SELECT id, phase FROM rounds WHERE status = 'running' ORDER BY id DESC LIMIT 1")
@@ -66,41 +82,13 @@ class StoreCollector:
                 dur.add_metric([r["phase"]], count_value=r["n"], sum_value=r["s"] or 0.0)
             yield dur
 
-            gens = CounterMetricFamily("selfdistill_generations", "Answers generated, by purpose (train, eval, ...).", labels=["purpose"])
-            toks = CounterMetricFamily("selfdistill_generated_tokens", "Completion tokens generated, by purpose.", labels=["purpose"])
-            for r in q("SELECT purpose, count(*) AS n, coalesce(sum(completion_tokens), 0) AS t FROM generations GROUP BY purpose"):
-                gens.add_metric([r["purpose"]], r["n"])
-                toks.add_metric([r["purpose"]], r["t"])
-            yield gens
-            yield toks
-
-            data = CounterMetricFamily("selfdistill_training_rows", "Pairs and SFT examples stored, by kind and signal source.",
-                                       labels=["kind", "source"])
-            for kind, table in (("pair", "pairs"), ("sft", "sft_examples")):
-                for r in q(f"SELECT source, count(*) AS n FROM {table} GROUP BY source"):
-                    data.add_metric([kind, r["source"]], r["n"])
-            yield data
-
-            runs = CounterMetricFamily("selfdistill_training_runs", "Training child runs, by outcome.", labels=["status"])
-            for r in q("SELECT status, count(*) AS n FROM training_runs GROUP BY status"):
-                runs.add_metric([r["status"]], r["n"])
-            yield runs
-
-            ev_kinds = CounterMetricFamily("selfdistill_events", "Stored events by kind (promote, rollback, teacher_unavailable, ...).",
-                                           labels=["kind", "level"])
-            for r in q("SELECT kind, level, count(*) AS n FROM events GROUP BY kind, level"):
-                ev_kinds.add_metric([r["kind"], r["level"]], r["n"])
-            yield ev_kinds
-
-            judges = GaugeMetricFamily("selfdistill_judge_healthy", "1 when a judge's latest health check passed.", labels=["judge"])
-            for r in q("SELECT judge, healthy FROM judge_health WHERE id IN (SELECT max(id) FROM judge_health GROUP BY judge)"):
-                judges.add_metric([r["judge"]], r["healthy"])
-            yield judges
-
-            tasks = GaugeMetricFamily("selfdistill_tasks", "Tasks in the store, by split.", labels=["split"])
-            for split, n in store.count_tasks().items():
-                tasks.add_metric([split], n)
-            yield tasks
+            # the rest: one family per query, whose last column is the value and the others its labels
+            for counter, name, help_, labels, sql in BY_LABELS:
+                fam = (CounterMetricFamily if counter else GaugeMetricFamily)(name, help_, labels=labels)
+                for r in q(sql):
+                    *lab, value = r.values()
+                    fam.add_metric([str(x) for x in lab], value)
+                yield fam
         finally:
             store.close()
 
