@@ -227,14 +227,15 @@ def test_long_reader_and_exclusive_lock_make_writes_wait_not_fail(tmp_path, tiny
     d = daemon_factory(policy, "--max-rounds", "1", env={"SELFDISTILL_TEST_DELAY": "generate:2,score:1"})
     d.wait_for(lambda r: r.get("event") == "test delay" and r.get("phase") == "generate", timeout=300)
     db = str(_db(policy))
-    reader = subprocess.Popen([sys.executable, "-c", HOLDER, db, "read", "20"], stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen([sys.executable, "-c", HOLDER, db, "read", "30"], stdout=subprocess.PIPE, text=True)
     assert reader.stdout.readline().strip() == "held"
-    excl = subprocess.Popen([sys.executable, "-c", HOLDER, db, "exclusive", "6"], stdout=subprocess.PIPE, text=True)
+    # held far longer than the tiny model's generate phase takes (1-3 s), so its commit meets the lock
+    excl = subprocess.Popen([sys.executable, "-c", HOLDER, db, "exclusive", "20"], stdout=subprocess.PIPE, text=True)
     assert excl.stdout.readline().strip() == "held"
     held_at = time.time()
     # the generate phase's commit must wait for the exclusive lock, then succeed
     rec = d.wait_for(lambda r: r.get("event") == "round 1 generate", timeout=300)
-    assert rec["ts"] >= held_at + 5.0, "the write did not wait for the exclusive lock: the test held nothing"
+    assert rec["ts"] >= held_at + 19.0, "the write did not wait for the exclusive lock: the test held nothing"
     assert excl.wait(30) == 0 and reader.wait(60) == 0
     assert d.wait(900) == 0, d.stderr_path.read_text()[-3000:]
     log = d.stderr_path.read_text()
