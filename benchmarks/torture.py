@@ -17,7 +17,7 @@ unfinished phase, so in practice the allowance must never be used; it is counted
 
 End checks: PRAGMA integrity_check = ok; no round left 'running'; every round decided; no phase
 recorded twice for a round (a committed phase is never redone); each round's train generations
-= per_round x samples; exactly one is_current checkpoint, equal to the `current` symlink; no
+= its sampled tasks x samples; exactly one is_current checkpoint, equal to the `current` symlink; no
 `.tmp` or hidden leftover in checkpoints/; no orphaned training child alive.
 
 Run:  .venv/bin/python benchmarks/torture.py --kills 40 --rounds 3 [--work DIR] [--seed S]
@@ -57,6 +57,7 @@ MUTABLE = {
 }
 TABLES = ["tasks", "rounds", "phases", "round_tasks", "generations", "scores", "pairs", "sft_examples",
           "training_runs", "checkpoints", "evaluations", "eval_items", "events", "judge_health", "meta"]
+PER_ROUND = 6  # tiny_policy's tasks.per_round
 KILL_PHASES = ["generate", "score", "pair", "train", "evaluate", "decide", "promote"]
 
 
@@ -161,11 +162,14 @@ def end_checks(work: Path, rounds: int, per_round_gens: int) -> dict:
         twice = con.execute("SELECT round_id, phase, count(*) FROM phases GROUP BY round_id, phase HAVING count(*) > 1").fetchall()
         if twice:
             problems.append(f"phases recorded twice: {[tuple(r) for r in twice]}")
+        samples = per_round_gens // PER_ROUND
         for r in rs:
             if r["decision"] in ("promote", "reject"):
                 n = con.execute("SELECT count(*) FROM generations WHERE purpose = 'train' AND round_id = ?", (r["id"],)).fetchone()[0]
-                if n != per_round_gens:
-                    problems.append(f"round {r['id']}: {n} train generations, expected {per_round_gens}")
+                # a round samples per_round tasks, fewer once the pool runs dry (tasks.curriculum.max_uses)
+                t = con.execute("SELECT count(*) FROM round_tasks WHERE round_id = ?", (r["id"],)).fetchone()[0]
+                if not 0 < t <= PER_ROUND or n != t * samples:
+                    problems.append(f"round {r['id']}: {n} train generations for {t} tasks, expected {t} x {samples} (at most {per_round_gens})")
         cur = [r[0] for r in con.execute("SELECT id FROM checkpoints WHERE is_current = 1")]
     finally:
         con.close()
@@ -231,7 +235,7 @@ def torture(work: Path, model_dir: Path, *, rounds: int = 3, kills: int = 40, se
     work.mkdir(parents=True, exist_ok=True)
     policy = tiny_policy(work, model_dir, engine="transformers", stopping="")
     db = work / "state" / "selfdistill.db"
-    per_round_gens = 6 * 4  # tiny_policy: per_round x samples_per_task
+    per_round_gens = PER_ROUND * 4  # tiny_policy: per_round x samples_per_task
     history: list[dict] = []
     snaps: list[dict] = []
     lost_all: list[str] = []
