@@ -12,9 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-PHASES = ["sample", "generate", "score", "pair", "train", "evaluate", "decide", "promote"]
-
-
 # (counter?, name, help, labels, SQL whose last column is the value and the others the labels)
 BY_LABELS = [
     (True, "selfdistill_rounds", "Rounds by decision ('' while running).", ["decision"],
@@ -46,6 +43,7 @@ class StoreCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
+        from selfdistill.daemon import PHASES
         from selfdistill.store import Store
 
         store = Store.open(self.db_path, readonly=True)
@@ -68,7 +66,7 @@ class StoreCollector:
             phase = GaugeMetricFamily("selfdistill_round_phase", "1 for the phase the running round is in, 0 for the others.",
                                       labels=["phase"])
             running = q("SELECT id, phase FROM rounds WHERE status = 'running' ORDER BY id DESC LIMIT 1")
-            for p in PHASES:
+            for p in PHASES[:-1]:  # every phase a running round can be in ("done" ends it)
                 phase.add_metric([p], 1 if running and running[0]["phase"] == p else 0)
             yield phase
             last = q("SELECT coalesce(max(id), 0) AS id, max(finished_at) AS fin FROM rounds")[0]

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import socket
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from sd_testutil import scrape_metrics as _scrape
 
 from selfdistill.config import parse_policy
 from selfdistill.errors import PolicyError
 from selfdistill.prometheus import MetricsServer
 from selfdistill.records import PairRecord, TaskIn
 from selfdistill.store import Store
-
-
-def _scrape(url: str) -> dict:
-    text = urllib.request.urlopen(url, timeout=30).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 @pytest.fixture

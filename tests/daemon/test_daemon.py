@@ -10,10 +10,9 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from sd_testutil import scrape_metrics
 
 from selfdistill.checkpoints import read_current
 
@@ -165,9 +164,7 @@ def test_lock_refuses_a_second_daemon(tmp_path, tiny_model_dir, daemon_factory):
     d.wait_for(lambda r: r.get("event") == "test delay")
     # the running daemon serves Prometheus metrics from its store, on a free port it logs
     url = d.wait_for(lambda r: r.get("event") == "prometheus metrics")["url"]
-    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(urllib.request.urlopen(url, timeout=30).read().decode())
-               for s in fam.samples}
+    metrics = scrape_metrics(url)
     assert metrics[("selfdistill_round_phase", (("phase", "generate"),))] == 1
     assert metrics[("selfdistill_round_phase", (("phase", "train"),))] == 0
     assert metrics[("selfdistill_info", (("current_checkpoint", "base"), ("name", "tiny")))] == 1

@@ -115,22 +115,27 @@ def vllm_pool(engine_cache):
     pool.close()
 
 
+def _tiny_vllm(pool, tiny_dir, serving: str):
+    """The pool's vLLM engine on the tiny model, serving adapters one way (engine.adapter_serving)."""
+    return pool.get(f"tiny-{serving}", tiny_dir, dict(TINY_CFG, adapter_serving=serving))
+
+
 @pytest.fixture(params=["lora", "merged"])
 def vllm_tiny(request, vllm_pool, tiny_dir):
     """The vLLM engine on the tiny model, serving adapters through vLLM's LoRA path or as merged
     copies of the base (engine.adapter_serving)."""
-    return vllm_pool.get(f"tiny-{request.param}", tiny_dir, dict(TINY_CFG, adapter_serving=request.param))
+    return _tiny_vllm(vllm_pool, tiny_dir, request.param)
 
 
 @pytest.fixture
 def vllm_tiny_merged(vllm_pool, tiny_dir):
-    return vllm_pool.get("tiny-merged", tiny_dir, dict(TINY_CFG, adapter_serving="merged"))
+    return _tiny_vllm(vllm_pool, tiny_dir, "merged")
 
 
 @pytest.fixture
 def vllm_running(vllm_pool, tiny_dir):
     """Some live vLLM engine (the one the pool holds, or the tiny model's)."""
-    return vllm_pool.engine or vllm_pool.get("tiny-merged", tiny_dir, dict(TINY_CFG, adapter_serving="merged"))
+    return vllm_pool.engine or _tiny_vllm(vllm_pool, tiny_dir, "merged")
 
 
 @pytest.fixture
@@ -166,4 +171,4 @@ def tiny_engine(request, vllm_pool, tiny_dir):
     engine by engine instead of restarting vLLM between them."""
     if request.param == "transformers":
         return request.getfixturevalue("hf_tiny")
-    return vllm_pool.get(f"tiny-{request.param}", tiny_dir, dict(TINY_CFG, adapter_serving=request.param))
+    return _tiny_vllm(vllm_pool, tiny_dir, request.param)
