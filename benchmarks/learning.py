@@ -126,7 +126,7 @@ def main() -> None:
     from bootstrap import continue_sft, sft_rows, summary
 
     from selfdistill.config import load_policy
-    from selfdistill.daemon import base_model_dir
+    from selfdistill.operations import base_model_dir
     from selfdistill.stats import discordant, mcnemar_one_sided
     from selfdistill.store import DB_NAME, Store
 

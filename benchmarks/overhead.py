@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from selfdistill.config import parse_policy
-from selfdistill.daemon import Cycle, RunState, ingest_tasks, open_state
+from selfdistill.cycle import Cycle, RunState
+from selfdistill.operations import ingest_tasks, open_state
 from selfdistill.engines.base import Completion
 from selfdistill.store import DB_NAME, Store, canned_queries
 
@@ -67,7 +68,7 @@ def round_overhead(tmp: Path, generations: int, k: int = 8) -> dict:
     ingest_tasks(policy, store)
     ingest_s = time.perf_counter() - t
     cyc = Cycle(policy, store, RunState())
-    cyc._engine = InstantEngine()
+    cyc.serving._engine = InstantEngine()
     times = []
     for _ in range(2):
         t = time.perf_counter()

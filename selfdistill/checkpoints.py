@@ -28,7 +28,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Any, Callable, ContextManager, Iterable, Protocol
 
 from selfdistill.errors import CheckpointError
 
@@ -42,14 +42,19 @@ _RESERVED = {CURRENT, BASE}
 
 
 class PromotionStore(Protocol):
-    """What promotion and rollback need from the store: each method is ONE transaction."""
+    """What promotion and rollback need from the store (selfdistill.store.Store is one)."""
 
-    def commit_promotion(self, ckpt_id: str, reason: str) -> str:
-        """Make the candidate `ckpt_id` the current checkpoint; return the id that was current."""
+    def transaction(self) -> ContextManager[Any]:
+        """One transaction; nested use joins the outer one."""
         ...
 
-    def commit_rollback(self, to_id: str, reason: str) -> str:
-        """Make `to_id` ('base' or a promoted checkpoint) current again; return the id that was current."""
+    def commit_promotion(self, ckpt_id: str, reason: str, round_id: int | None = None, kind: str = "promote",
+                         expected_current: str | None = None) -> str:
+        """Make `ckpt_id` current (compare-and-set against `expected_current` if given: raises
+        PromotionSuperseded); return the id that was current."""
+        ...
+
+    def checkpoint(self, ckpt_id: str) -> dict[str, Any] | None:
         ...
 
 
@@ -230,22 +235,43 @@ def repair_pointer(state_dir: str | os.PathLike[str], store_current_id: str) -> 
     return f"current pointer {on_disk or '(none)'} -> {store_current_id} (made to agree with the store)"
 
 
-def promote(store: PromotionStore, state_dir: str | os.PathLike[str], ckpt_id: str, reason: str) -> Switch:
-    """Promote candidate `ckpt_id`: check its directory, commit in the store, switch the pointer."""
-    # A vanished or damaged candidate must fail before the store records anything.
-    verify_adapter_dir(checkpoint_path(state_dir, ckpt_id))
-    previous = store.commit_promotion(ckpt_id, reason)
+def promote(store: PromotionStore, state_dir: str | os.PathLike[str], ckpt_id: str, reason: str, *,
+            kind: str = "promote", round_id: int | None = None, expected_current: str | None = None,
+            also: Callable[[], None] | None = None) -> Switch:
+    """The one way `current` moves: a round's promotion, a forced one, a rollback, a fallback.
+
+    The adapter is checked first (a vanished or damaged one fails before the store records
+    anything); then one store transaction records the switch, with whatever `also` writes beside
+    it (the round's phase, say), compare-and-set against `expected_current` when given; then the
+    pointer follows the store (repaired at start-up if a crash comes between the two).
+    """
+    if ckpt_id != BASE:
+        servable_adapter_dir(state_dir, ckpt_id)
+    with store.transaction():
+        previous = store.commit_promotion(ckpt_id, reason, round_id=round_id, kind=kind, expected_current=expected_current)
+        if also is not None:
+            also()
     switch_current(state_dir, ckpt_id)
     return Switch(previous=previous, current=ckpt_id)
 
 
 def rollback(store: PromotionStore, state_dir: str | os.PathLike[str], to_id: str, reason: str) -> Switch:
-    """Serve `to_id` ('base' or an earlier promoted checkpoint) again: commit in the store, switch."""
-    if to_id != BASE:
-        verify_adapter_dir(checkpoint_path(state_dir, to_id))
-    previous = store.commit_rollback(to_id, reason)
-    switch_current(state_dir, to_id)
-    return Switch(previous=previous, current=to_id)
+    """Serve `to_id` ('base' or an earlier promoted checkpoint) again."""
+    row = store.checkpoint(to_id)
+    if row is None or row["status"] not in ("base", "promoted"):
+        raise CheckpointError(f"cannot roll back to {to_id}: only the base or an earlier promoted checkpoint can be served again")
+    return promote(store, state_dir, to_id, reason, kind="rollback")
+
+
+def rollback_target(current: str, parent: str | None, parent_servable: bool, promoted_chain: list[str]) -> str:
+    """Where a rollback without a target goes: the current checkpoint's parent if it was promoted
+    (or is the base), else the newest other promoted checkpoint."""
+    if parent and parent_servable:
+        return parent
+    chain = [c for c in promoted_chain if c != current]
+    if not chain:
+        raise CheckpointError(f"{current} has no previous promoted checkpoint to roll back to")
+    return chain[-1]
 
 
 def retention(
@@ -309,3 +335,9 @@ def cleanup_temp_dirs(state_dir: str | os.PathLike[str]) -> list[str]:
             entry.unlink()
         removed.append(entry.name)
     return removed
+
+
+def servable_adapter_dir(state_dir: str | os.PathLike[str], ckpt_id: str) -> Path:
+    """The one check before an adapter is served or evaluated: its directory, complete (raises
+    CheckpointError naming what is wrong otherwise)."""
+    return verify_adapter_dir(checkpoint_path(state_dir, ckpt_id))

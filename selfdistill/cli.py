@@ -68,7 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from selfdistill.daemon import initialise
+    from selfdistill.operations import initialise
 
     policy = _policy(args)
     summary = initialise(policy, prepare_model=not args.no_model)
@@ -172,7 +172,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from selfdistill.daemon import force_promote
+    from selfdistill.operations import force_promote
 
     policy = _policy(args)
     force_promote(policy, args.checkpoint, args.reason)
@@ -181,7 +181,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from selfdistill.daemon import rollback
+    from selfdistill.operations import rollback
 
     policy = _policy(args)
     to = rollback(policy, args.to, args.reason)
@@ -190,7 +190,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from selfdistill.daemon import export_current
+    from selfdistill.operations import export_current
 
     policy = _policy(args)
     out = export_current(policy, Path(args.out), merged=args.merged, checkpoint=args.checkpoint)
@@ -208,7 +208,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
-    from selfdistill.daemon import export_training_data
+    from selfdistill.operations import export_training_data
 
     policy = _policy(args)
     paths = export_training_data(policy, Path(args.out))

@@ -4,20 +4,25 @@ is built.
 A policy is a TOML file whose tables map one to one onto the models below (`extra="forbid"`
 everywhere, help text on every field). `load_policy(path)` returns a `Policy` or raises a
 `PolicyError` whose message lists every problem at once, each naming the file, the key path and
-what is expected. `selfdistill check POLICY` is the command-line face of this module.
+what is expected. `selfdistill check POLICY` is the command-line face of this module, and
+`reload_plan(old, new)` decides what a SIGHUP may change in a running daemon (fields marked
+`restart` wait for a restart).
 
 Pure: imports only pydantic and the standard library.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from selfdistill.errors import PolicyError
 
@@ -126,14 +131,14 @@ class TeacherConfig(_Model):
 
 
 class JsonlSource(_Model):
-    type: Literal["jsonl"]
+    type: Literal["jsonl"] = Field(..., description="A JSONL file of the user's own tasks.")
     path: Path = Field(..., description="JSONL file: one object per line with `prompt`, optional "
                        "`answer`, `verifier`, `category`, `metadata`.")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
 
 
 class ReasoningGymSource(_Model):
-    type: Literal["reasoning_gym"]
+    type: Literal["reasoning_gym"] = Field(..., description="A procedural reasoning-gym dataset, scored by its own verifier.")
     dataset: str = Field(..., description="reasoning-gym dataset name, e.g. 'chain_sum'.")
     config: dict[str, Any] = Field(default_factory=dict, description="Keyword config for the dataset.")
     seed: int = Field(0, description="Seed of the procedural generator. reasoning-gym seeds item i with seed + i, so sources whose seeds are closer than their sizes share items (harmless: tasks are keyed by question text).")
@@ -142,7 +147,7 @@ class ReasoningGymSource(_Model):
 
 
 class DatasetDirSource(_Model):
-    type: Literal["dataset_dir"]
+    type: Literal["dataset_dir"] = Field(..., description="A local directory of dataset files.")
     path: Path = Field(..., description="Local directory of *.jsonl / *.json / *.parquet files.")
     prompt_field: str = Field("prompt", description="Column holding the prompt.")
     answer_field: str | None = Field("answer", description="Column holding the reference answer.")
@@ -150,7 +155,7 @@ class DatasetDirSource(_Model):
 
 
 class ExpansionSource(_Model):
-    type: Literal["expansion"]
+    type: Literal["expansion"] = Field(..., description="New tasks written by a model from examples of known ones.")
     by: Literal["teacher", "student"] = Field("teacher", description="Who writes the new tasks.")
     seeds_from: str = Field("all", description="Source name (or 'all') whose tasks serve as examples.")
     per_round: int = Field(16, ge=1, description="New tasks asked for per expansion.")
@@ -158,6 +163,10 @@ class ExpansionSource(_Model):
     max_similarity: float = Field(0.7, gt=0, le=1, description="Reject a new task this similar (ROUGE-L-like) to a known one.")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
 
+
+# why some keys of [tasks] cannot change while the daemon runs (see reload_plan)
+_SPLIT_FIXED = "tasks already in the store keep their split; changing it would move the held-out wall"
+_EVALS_FIXED = "stored evaluations were made under the old prompt and verifier; gating would compare unlike figures"
 
 SourceConfig = Annotated[
     Union[JsonlSource, ReasoningGymSource, DatasetDirSource, ExpansionSource], Field(discriminator="type")
@@ -173,19 +182,28 @@ class CurriculumConfig(_Model):
 
 
 class TasksConfig(_Model):
-    sources: list[SourceConfig] = Field(..., min_length=1, description="Where tasks come from.")
-    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of tasks kept held-out (by key hash).")
+    sources: list[SourceConfig] = Field(
+        ..., min_length=1, description="Where tasks come from.",
+        json_schema_extra={"restart": "sources are ingested at start: restart to ingest"},
+    )
+    heldout_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of tasks kept held-out (by key hash).",
+        json_schema_extra={"restart": _SPLIT_FIXED},
+    )
     audit_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Share of tasks kept as an audit set (by key hash): never trained on, never seen by the gates; for benchmarks."
+        0.0, ge=0, lt=1, description="Share of tasks kept as an audit set (by key hash): never trained on, never seen by the gates; for benchmarks.",
+        json_schema_extra={"restart": _SPLIT_FIXED},
     )
     per_round: int = Field(64, ge=1, description="Training tasks sampled per round.")
     prompt_suffix: str = Field(
-        "", description="Text appended to every task prompt (e.g. the answer format asked for)."
+        "", description="Text appended to every task prompt (e.g. the answer format asked for).",
+        json_schema_extra={"restart": _EVALS_FIXED},
     )
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="Sampling weights.")
     default_verifier: str = Field(
         "auto", description="Verifier for tasks that name none: 'auto' = the source's own "
-        "(reasoning-gym scoring), else exact / normalized / numeric / regex:<pattern> / code."
+        "(reasoning-gym scoring), else exact / normalized / numeric / regex:<pattern> / code.",
+        json_schema_extra={"restart": _EVALS_FIXED},
     )
 
 
@@ -294,7 +312,9 @@ class TrainingConfig(_Model):
 class EvaluationConfig(_Model):
     heldout_items: int = Field(200, ge=1, description="Held-out tasks each evaluation answers (same items, same seed).")
     max_tokens: int = Field(128, ge=1, description="Tokens per evaluation answer (greedy).")
-    pairwise_judge: Literal["none", "teacher", "self"] = Field("none", description="Judge candidate vs incumbent answers in both orders.")
+    pairwise_judge: Literal["none", "teacher", "self"] = Field(
+        "none", description="Not built yet, so any value but 'none' is refused: judging candidate vs incumbent answers in both orders."
+    )
     anchor_prompts: list[str] = Field(
         default_factory=lambda: [
             "Write one sentence about the sea.",
@@ -317,7 +337,9 @@ class GateConfig(_Model):
     max_empty_fraction: float = Field(0.1, ge=0, le=1, description="Sanity: most share of empty answers.")
     max_repetition: float = Field(0.5, ge=0, le=1, description="Sanity: most share of repeated 4-grams in an answer, on average.")
     max_length_ratio: float = Field(3.0, ge=1, description="Sanity: mean answer length may not change by more than this factor.")
-    min_win_rate: float = Field(0.5, ge=0, le=1, description="Pairwise judging (if on): least win rate of the candidate.")
+    min_win_rate: float = Field(
+        0.5, ge=0, le=1, description="Not built yet, so setting it is refused: least pairwise win rate of the candidate."
+    )
     bootstrap_samples: int = Field(2000, ge=100, description="Resamples of the bootstrap test.")
 
 
@@ -335,7 +357,12 @@ class ScheduleConfig(_Model):
     train_interval_s: float | None = Field(None, gt=0, description="Also train at most every this many seconds.")
     train_cron: str | None = Field(None, description="Or train on this cron expression (5 fields).")
     train_windows: list[TimeWindow] = Field(default_factory=list, description="Training only inside these windows (none: always).")
-    eval_interval_s: float | None = Field(None, gt=0, description="Re-evaluate the incumbent every this many seconds.")
+    outside_windows: Literal["collect", "idle"] = Field(
+        "collect",
+        description="What the daemon does outside train_windows: 'collect' keeps generating and scoring (the engine "
+        "stays resident), 'idle' generates nothing and releases the engine until a window opens (for a GPU shared "
+        "with daytime work).",
+    )
     housekeeping_interval_s: float = Field(3600.0, gt=0, description="Retention, WAL checkpoint and VACUUM every this many seconds.")
     idle_sleep_s: float = Field(5.0, ge=0, description="Pause between cycles when there is nothing to do.")
 
@@ -371,11 +398,26 @@ class MonitoringConfig(_Model):
 class Policy(_Model):
     """A whole policy file."""
 
+    # A field (or section) whose json_schema_extra has a "restart" reason cannot change while the
+    # daemon runs (nor anything below it); reload_plan reads these marks, here and in the sections,
+    # so a new key is applied by a reload unless it is marked.
     name: str = Field("selfdistill", description="Name of this service (shown in logs and the report).")
-    state_dir: Path = Field(Path("state"), description="Directory of the database, checkpoints, caches and lock (relative to the policy file).")
-    student: StudentConfig = Field(default_factory=StudentConfig, description="The model being improved.")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="How the student is served.")
-    teacher: TeacherConfig | None = Field(None, description="The teacher model, if any.")
+    state_dir: Path = Field(
+        Path("state"), description="Directory of the database, checkpoints, caches and lock (relative to the policy file).",
+        json_schema_extra={"restart": "the lock, the database and the adapters live there"},
+    )
+    student: StudentConfig = Field(
+        default_factory=StudentConfig, description="The model being improved.",
+        json_schema_extra={"restart": "the served base model and the LoRA shape of every checkpoint are fixed at start"},
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="How the student is served.",
+        json_schema_extra={"restart": "the engine is built once at start"},
+    )
+    teacher: TeacherConfig | None = Field(
+        None, description="The teacher model, if any.",
+        json_schema_extra={"restart": "the teacher engine is built once at start"},
+    )
     tasks: TasksConfig = Field(..., description="Task sources, held-out split and curriculum.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling of the student's answers.")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="How answers are scored.")
@@ -387,7 +429,10 @@ class Policy(_Model):
     stopping: StoppingConfig = Field(default_factory=StoppingConfig, description="When the daemon stops.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="What is kept on disk.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log format.")
-    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="The optional Prometheus endpoint.")
+    monitoring: MonitoringConfig = Field(
+        default_factory=MonitoringConfig, description="The optional Prometheus endpoint.",
+        json_schema_extra={"restart": "the metrics server binds at start"},
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> "Policy":
@@ -408,11 +453,26 @@ class Policy(_Model):
             self.scoring.teacher_judge.enabled
             or self.scoring.teacher_label
             or self.scoring.teacher_revise
-            or self.evaluation.pairwise_judge == "teacher"
             or any(getattr(s, "by", None) == "teacher" for s in self.tasks.sources)
         )
         if needs_teacher and self.teacher is None:
-            problems.append("a teacher is used (teacher_judge / teacher_label / teacher_revise / expansion by teacher / pairwise_judge) but no [teacher] table is given")
+            problems.append("a teacher is used (teacher_judge / teacher_label / teacher_revise / expansion by teacher) but no [teacher] table is given")
+        # kept in the model so that the refusal says why, rather than "unknown key"
+        if self.evaluation.pairwise_judge != "none":
+            problems.append(
+                f"evaluation.pairwise_judge = {self.evaluation.pairwise_judge!r} is not used yet "
+                "(pairwise judging of candidate against incumbent is not built); remove the key"
+            )
+        if "min_win_rate" in self.gates.model_fields_set:
+            problems.append(
+                f"gates.min_win_rate = {self.gates.min_win_rate:g} is not used yet "
+                "(it gates on pairwise judging of candidate against incumbent, which is not built); remove the key"
+            )
+        if self.schedule.outside_windows == "idle" and not self.schedule.train_windows:
+            problems.append(
+                "schedule.outside_windows = 'idle' needs schedule.train_windows "
+                "(add the windows, or set outside_windows = 'collect')"
+            )
         if self.engine.kind == "openai" and self.engine.server is None:
             problems.append("engine.kind = 'openai' needs an [engine.server] table")
         if not self.scoring.use_verifier and not self.scoring.self_judge.enabled and not self.scoring.teacher_judge.enabled:
@@ -462,6 +522,19 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+# keys that older versions accepted: a policy that still sets one is told why it went
+REMOVED_KEYS: dict[tuple[str, ...], str] = {
+    ("schedule", "eval_interval_s"): "it re-read a cached evaluation and measured nothing",
+}
+
+
+def _problem(source: str, err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden" and loc in REMOVED_KEYS:
+        return f"{source}: {'.'.join(loc)} was removed: {REMOVED_KEYS[loc]}; delete the key"
+    return f"{source}: {_loc(loc)}: {_expected(err)}"
+
+
 def _expected(err: dict[str, Any]) -> str:
     t = err["type"]
     if t == "extra_forbidden":
@@ -482,7 +555,7 @@ def parse_policy(data: dict[str, Any], source: str = "<policy>") -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as e:
-        problems = [f"{source}: {_loc(err['loc'])}: {_expected(err)}" for err in e.errors()]
+        problems = [_problem(source, err) for err in e.errors()]
         raise PolicyError(
             problems[0] if len(problems) == 1 else f"{len(problems)} problems in {source}:\n  " + "\n  ".join(problems),
             problems,
@@ -507,18 +580,116 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return parse_policy(data, str(p)).resolve_paths(p.parent.resolve())
 
 
+def _type_name(ann: Any) -> str:
+    """A compact name of a field's type, without spaces (the schema listing splits on them)."""
+    origin, args = get_origin(ann), get_args(ann)
+    if ann is type(None):
+        return "none"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "table"
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "|".join(f'"{a}"' if isinstance(a, str) else repr(a) for a in args)
+    if origin in (Union, UnionType):
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) > 1:
+            return "table"  # a choice of tables, told apart by their `type` key
+        return "|".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{','.join(_type_name(a) for a in args)}]"
+    return getattr(ann, "__name__", str(ann)).lower()
+
+
+def _tables(ann: Any, discriminator: str | None = None) -> list[tuple[str, type[BaseModel]]]:
+    """The models a field's type holds, each with the suffix its keys take after the field's key:
+    "" for a table, "[]" for an array of tables, "[type=jsonl]" for one member of a tagged union."""
+    origin, args = get_origin(ann), get_args(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [("", ann)]
+    if origin is Annotated:
+        disc = next((m.discriminator for m in args[1:] if isinstance(getattr(m, "discriminator", None), str)), None)
+        return _tables(args[0], disc or discriminator)
+    if origin in (Union, UnionType):
+        out = [t for a in args for t in _tables(a)]
+        if discriminator is None:
+            return out
+        return [(f"[{discriminator}={get_args(m.model_fields[discriminator].annotation)[0]}]", m) for _, m in out]
+    if origin is list:
+        return [(sfx if sfx.startswith("[") else "[]" + sfx, m) for sfx, m in _tables(args[0], discriminator)]
+    return []
+
+
+def restart_reason(field: FieldInfo) -> str | None:
+    """Why a change of this field needs a restart (its `restart` mark), or None if a reload applies it."""
+    extra = field.json_schema_extra
+    return extra.get("restart") if isinstance(extra, dict) else None
+
+
 def field_help(model: type[BaseModel] = Policy, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key path, type, help) for every field: the policy reference `selfdistill check --schema` prints."""
+    """(key path, type, help) for every field: the policy reference `selfdistill check --schema` prints.
+
+    Keys inside arrays of tables read `schedule.train_windows[].start`; keys of a tagged union
+    read `tasks.sources[type=jsonl].path`, one block per member.
+    """
     rows: list[tuple[str, str, str]] = []
     for name, f in model.model_fields.items():
         key = f"{prefix}{name}"
-        ann = f.annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if sub is None:
-            for a in getattr(ann, "__args__", ()) or ():
-                if isinstance(a, type) and issubclass(a, BaseModel):
-                    sub = a
-        rows.append((key, getattr(ann, "__name__", str(ann)).replace("typing.", ""), f.description or ""))
-        if sub is not None:
-            rows.extend(field_help(sub, key + "."))
+        help_ = f.description or ""
+        if restart_reason(f):
+            help_ += " (A change needs a restart.)"
+        rows.append((key, _type_name(f.annotation), help_))
+        for suffix, sub in _tables(f.annotation):
+            rows.extend(field_help(sub, f"{key}{suffix}."))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# reloading
+
+
+@dataclasses.dataclass
+class ReloadPlan:
+    """What a SIGHUP does with a re-read policy: the policy to swap in at a round boundary, the
+    keys whose change takes effect, and the keys whose change waits for a restart (with why)."""
+
+    policy: Policy
+    applied: list[str] = dataclasses.field(default_factory=list)
+    refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def _diff(old: BaseModel, new: BaseModel, prefix: str, reason: str | None, plan: ReloadPlan) -> None:
+    for name, f in type(old).model_fields.items():
+        a, b = getattr(old, name), getattr(new, name)
+        if a == b:
+            continue
+        key, why = prefix + name, reason or restart_reason(f)
+        if isinstance(a, BaseModel) and type(a) is type(b):
+            _diff(a, b, key + ".", why, plan)
+        elif why:
+            plan.refused.append((key, why))
+        else:
+            plan.applied.append(key)
+
+
+def reload_plan(old: Policy, new: Policy) -> ReloadPlan:
+    """Compare the running policy with a re-read one, leaf by leaf (lists and dicts whole).
+
+    A key whose field, or a section above it, carries a `restart` mark keeps its running value in
+    the returned policy and is listed in `refused`; every other changed key is in `applied` and
+    takes its new value. Neither argument is changed. Raises PolicyError if the mix of new and
+    kept values is itself incoherent (then nothing should be applied).
+    """
+    plan = ReloadPlan(policy=new)
+    _diff(old, new, "", None, plan)
+    # start from what the file set, so that checks of explicitly set keys see the same keys
+    data = new.model_dump(exclude_unset=True)
+    running = old.model_dump()
+    for key, _ in plan.refused:
+        *parents, leaf = key.split(".")
+        src, dst = running, data
+        for p in parents:
+            src, dst = src[p], dst.setdefault(p, {})
+        dst[leaf] = src[leaf]
+    plan.policy = parse_policy(data, "reloaded policy (restart-only keys kept at their running values)")
+    return plan

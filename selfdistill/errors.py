@@ -62,6 +62,11 @@ class CheckpointError(SelfdistillError):
     exit_code = 7
 
 
+class PromotionSuperseded(CheckpointError):
+    """A promotion expected one checkpoint to be current and found another (a rollback or a
+    forced promotion happened meanwhile); nothing was changed."""
+
+
 class StoppedByPolicy(SelfdistillError):
     """Raised nowhere as an error; carries the exit code the daemon uses when a policy stops it."""
 

@@ -86,6 +86,18 @@ def evaluate_heldout(
     return EvalResult(items=items, categories=categories, metrics=_metrics(items, categories))
 
 
+def gate_input(heldout: dict[str, Any], anchors: dict[str, Any] | None, categories: dict[int, str]) -> EvalMetrics:
+    """The one builder of the gate's view of a checkpoint, from its stored held-out evaluation
+    (`metrics` and `items` as `evaluate_heldout` made them) and anchor evaluation."""
+    m = heldout["metrics"]
+    return EvalMetrics(
+        correct={it["task_id"]: bool(it["correct"]) for it in heldout["items"]},
+        sanity=SanityStats(empty_fraction=m["empty_fraction"], repetition=m["repetition"], mean_length=m["mean_length"]),
+        categories=categories,
+        anchor_nll=anchors["metrics"]["nll"] if anchors else None,
+    )
+
+
 def _metrics(items: list[EvalItem], categories: dict[int, str]) -> dict[str, Any]:
     def acc(group: list[EvalItem]) -> dict[str, Any]:
         k = sum(it.correct for it in group)

@@ -94,6 +94,33 @@ def candidate_from(
     return Candidate(task_id, text, judge_score, None, judge_source, generation_id, tokens)
 
 
+def candidates_from_scores(scores: Iterable[dict], ignore_sources: set[str] = frozenset()) -> dict[int, list[Candidate]]:
+    """One candidate per generation from all its stored score rows (`scorer` "verifier:NAME",
+    "self:..." or "teacher:..."; `score`, `correct`, `generation_id`, `task_id`, `text`,
+    `completion_tokens`), grouped by task. Rows of a source in `ignore_sources` (an unhealthy
+    judge) count for nothing. `candidate_from` ranks the signals: a verifier's verdict outranks
+    a judge's; a teacher's outranks the student's own."""
+    signals: dict[int, dict] = {}
+    for s_ in scores:
+        source = s_["scorer"].split(":")[0]
+        if source in ignore_sources:
+            continue
+        sig = signals.setdefault(s_["generation_id"], {"row": s_})
+        if source == "verifier":
+            sig["verifier"] = (s_["score"], None if s_["correct"] is None else bool(s_["correct"]))
+        elif s_["score"] is not None and (source == "teacher" or "judge" not in sig):
+            sig["judge"] = (s_["score"], source)
+    by_task: dict[int, list[Candidate]] = {}
+    for gid, sig in signals.items():
+        row = sig["row"]
+        v_score, v_correct = sig.get("verifier", (None, None))
+        j_score, j_source = sig.get("judge", (None, "self"))
+        c = candidate_from(row["task_id"], row["text"], verifier_score=v_score, verifier_correct=v_correct,
+                           judge_score=j_score, judge_source=j_source, generation_id=gid, tokens=row["completion_tokens"])
+        by_task.setdefault(c.task_id, []).append(c)
+    return by_task
+
+
 def _usable(cands: list[Candidate]) -> list[Candidate]:
     """Scored candidates of the strongest signal source present, exact duplicates removed."""
     scored = [c for c in cands if c.score is not None]

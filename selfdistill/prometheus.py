@@ -43,7 +43,7 @@ class StoreCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-        from selfdistill.daemon import PHASES
+        from selfdistill.records import PHASES
         from selfdistill.store import Store
 
         store = Store.open(self.db_path, readonly=True)

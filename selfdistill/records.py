@@ -1,5 +1,6 @@
 """Plain records passed between the parts of the cycle (tasks, scored candidates, pairs, SFT
-examples), and the two rules every part must agree on: a task's key and its split.
+examples, the typed rows of rounds), the names of a round's phases and decisions, and the two
+rules every part must agree on: a task's key and its split.
 
 Pure: standard library only.
 """
@@ -13,6 +14,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SPLITS = ("train", "heldout", "audit")
+
+# A round moves through these phases in order; each is committed before the next starts.
+PHASES = ("sample", "generate", "score", "pair", "train", "evaluate", "decide", "promote", "done")
+# How a round ended. collect: data only, no training due; superseded: the incumbent changed
+# (a rollback or forced promotion) while the round ran, so its candidate was not promoted.
+DECISIONS = ("promote", "reject", "fail", "skip", "collect", "superseded")
+DECIDED = ("promote", "reject", "fail", "skip", "superseded")  # what counts as a decided round
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -103,6 +111,35 @@ class SftRecord:
     weight: float
     source: str  # verifier, top, teacher_label, teacher_revise
     generation_id: int | None = None
+
+
+@dataclass
+class Round:
+    """A row of the rounds table, typed."""
+
+    id: int
+    phase: str
+    status: str  # running, done, failed, skipped
+    incumbent_id: str
+    candidate_id: str | None = None
+    decision: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    error: str | None = None
+    started_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase == "done" or self.status != "running"
+
+    @property
+    def decided(self) -> bool:
+        return self.decision in DECIDED and self.status != "running"
+
+    def __getitem__(self, key: str) -> Any:  # the report and SQL-minded callers read rows by name
+        return getattr(self, key)
 
 
 def to_json(obj: Any) -> str:

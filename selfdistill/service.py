@@ -9,18 +9,52 @@ import errno
 import fcntl
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from selfdistill.errors import StateDirError
 
 SUBDIRS = ("checkpoints", "cache", "tmp", "exports", "reports")
+MARKER = ".selfdistill-state"
+MARKER_TEXT = "This directory is the state of a selfdistill service (database, checkpoints, caches, lock).\n"
+LEGACY_DB = "selfdistill.db"  # state made before the marker existed holds the database
+
+
+def _refusal(state_dir: Path) -> str | None:
+    """Why this directory may not become (or be used as) a state directory, or None if it may."""
+    here = state_dir.resolve()
+    shared = {Path(here.anchor): "the filesystem root", Path(tempfile.gettempdir()).resolve(): "the system temp directory"}
+    home = Path(os.path.expanduser("~"))  # stays "~" for a user without a home (a systemd DynamicUser)
+    if home.is_absolute():
+        shared[home.resolve()] = "the home directory"
+    if here in shared:
+        return (f"{state_dir}: state_dir is {shared[here]} itself; point state_dir at a directory of its own, "
+                f"e.g. {here / 'selfdistill-state'}")
+    if not here.is_dir() or (here / MARKER).is_file() or (here / LEGACY_DB).is_file() or not any(here.iterdir()):
+        return None
+    return (f"{state_dir}: not a selfdistill state directory (it holds other files and no {MARKER} marker); "
+            "point state_dir at a new or empty directory")
 
 
 def prepare_state_dir(state_dir: Path) -> Path:
-    """Create the state directory and its subdirectories, owner-only; check it is writable."""
+    """Create the state directory and its subdirectories, owner-only; check it is writable.
+
+    Only a directory that is new, empty, or already the service's own (it holds the marker file,
+    or the database of an earlier version) is taken: the chmod and the files written here must
+    never land in a directory that holds other things, such as `.` or /tmp.
+    """
+    try:
+        refusal = _refusal(state_dir)
+    except OSError as e:
+        raise StateDirError(f"{state_dir}: state directory cannot be read ({e.strerror}); fix its permissions or set state_dir") from None
+    if refusal:
+        raise StateDirError(refusal)
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
+        marker = state_dir / MARKER
+        if not marker.is_file():
+            marker.write_text(MARKER_TEXT)
         for sub in SUBDIRS:
             (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
         probe = state_dir / ".write-probe"

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from selfdistill.errors import StoreError
-from selfdistill.records import PairRecord, SftRecord, Task, TaskIn, split_for
+from selfdistill.errors import PromotionSuperseded, StoreError
+from selfdistill.records import PairRecord, Round, SftRecord, Task, TaskIn, split_for
 
 APP_ID = 0x53444C53  # "SDLS": PRAGMA application_id marks a selfdistill database
 DB_NAME = "selfdistill.db"
@@ -294,25 +294,25 @@ class Store:
 
     # -- rounds and phases -----------------------------------------------------------------
 
-    def open_round(self) -> dict[str, Any] | None:
+    def open_round(self) -> Round | None:
         """The round still running (at most one), to resume after a crash."""
         rows = self.query("SELECT * FROM rounds WHERE status = 'running' ORDER BY id DESC LIMIT 1")
-        return _decode(rows[0]) if rows else None
+        return Round(**_decode(rows[0])) if rows else None
 
     def create_round(self, incumbent_id: str) -> int:
         return self._insert("rounds", {"phase": "sample", "status": "running", "incumbent_id": incumbent_id, "started_at": _now()})
 
-    def get_round(self, round_id: int) -> dict[str, Any]:
+    def get_round(self, round_id: int) -> Round:
         rows = self.query("SELECT * FROM rounds WHERE id = ?", (round_id,))
         if not rows:
             raise StoreError(f"round {round_id} does not exist")
-        return _decode(rows[0])
+        return Round(**_decode(rows[0]))
 
-    def rounds(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def rounds(self, limit: int | None = None) -> list[Round]:
         sql = "SELECT * FROM rounds ORDER BY id"
         if limit:
             sql = f"SELECT * FROM (SELECT * FROM rounds ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id"
-        return [_decode(r) for r in self.query(sql)]
+        return [Round(**_decode(r)) for r in self.query(sql)]
 
     def update_round(self, round_id: int, **fields: Any) -> None:
         """Set round columns; dict/list values are stored as JSON. Joins an open transaction."""
@@ -487,6 +487,10 @@ class Store:
                 (status, _j(metrics), error, pid, _now(), run_id),
             )
 
+    def set_training_pid(self, run_id: int, pid: int) -> None:
+        with self.transaction():
+            self.db["training_runs"].update(run_id, {"pid": pid})
+
     def training_runs(self, round_id: int | None = None) -> list[dict[str, Any]]:
         if round_id is None:
             return [_decode(r) for r in self.query("SELECT * FROM training_runs ORDER BY id")]
@@ -523,14 +527,23 @@ class Store:
         with self.transaction():
             self.execute("UPDATE checkpoints SET status = ?, reason = coalesce(?, reason) WHERE id = ?", (status, reason, ckpt_id))
 
-    def commit_promotion(self, ckpt_id: str, reason: str, round_id: int | None = None, kind: str = "promote") -> str:
+    def commit_promotion(self, ckpt_id: str, reason: str, round_id: int | None = None, kind: str = "promote",
+                         expected_current: str | None = None) -> str:
         """The one transaction of a promotion (or rollback): current moves to ckpt_id, the event is
-        logged; returns the id that was current (checkpoints.PromotionStore)."""
+        logged; returns the id that was current (checkpoints.PromotionStore).
+
+        With `expected_current` it is a compare-and-set: when another checkpoint is current (a
+        rollback or forced promotion happened meanwhile) it raises PromotionSuperseded and
+        changes nothing."""
         with self.transaction():
             row = self.execute("SELECT status FROM checkpoints WHERE id = ?", (ckpt_id,)).fetchone()
             if row is None:
                 raise StoreError(f"checkpoint {ckpt_id} does not exist (see `selfdistill status`)")
             prev = self.execute("SELECT id FROM checkpoints WHERE is_current = 1").fetchone()
+            if expected_current is not None and (prev[0] if prev else "base") != expected_current:
+                raise PromotionSuperseded(
+                    f"{ckpt_id} was measured against {expected_current}, but {prev[0] if prev else 'base'} is current now "
+                    "(a rollback or forced promotion happened meanwhile): not promoted")
             self.execute("UPDATE checkpoints SET is_current = 0 WHERE is_current = 1")
             new_status = "base" if ckpt_id == "base" else "promoted"
             self.execute(
@@ -542,13 +555,6 @@ class Store:
             if kind == "rollback" and prev and prev[0] not in ("base", ckpt_id):
                 self.execute("UPDATE checkpoints SET status = 'rejected', reason = ? WHERE id = ?", (f"rolled back: {reason}", prev[0]))
             return prev[0] if prev else "base"
-
-    def commit_rollback(self, to_id: str, reason: str) -> str:
-        """Serve `to_id` again (checkpoints.PromotionStore); the checkpoint left is marked rejected."""
-        row = self.checkpoint(to_id)
-        if row is None or row["status"] not in ("base", "promoted"):
-            raise StoreError(f"cannot roll back to {to_id}: only the base or an earlier promoted checkpoint can be served again")
-        return self.commit_promotion(to_id, reason, kind="rollback")
 
     def promoted_chain(self) -> list[str]:
         """Promoted checkpoints, oldest first (the base first)."""

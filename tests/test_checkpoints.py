@@ -1,5 +1,6 @@
 """Checkpoint directories and the `current` pointer, on a real filesystem (tmp_path)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from selfdistill import checkpoints as ck
-from selfdistill.errors import CheckpointError
+from selfdistill.errors import CheckpointError, PromotionSuperseded
 
 
 def write_adapter(path: Path) -> Path:
@@ -33,17 +34,23 @@ class FakeStore:
 
     def __init__(self, current="base"):
         self.current = current
+        self.promoted = {"base"}
         self.calls = []
 
-    def commit_promotion(self, ckpt_id, reason):
-        self.calls.append(("promote", ckpt_id, reason))
+    @contextlib.contextmanager
+    def transaction(self):
+        yield
+
+    def commit_promotion(self, ckpt_id, reason, round_id=None, kind="promote", expected_current=None):
+        if expected_current is not None and expected_current != self.current:
+            raise PromotionSuperseded(f"{self.current} is current, not {expected_current}")
+        self.calls.append((kind, ckpt_id, reason))
         prev, self.current = self.current, ckpt_id
+        self.promoted.add(ckpt_id)
         return prev
 
-    def commit_rollback(self, to_id, reason):
-        self.calls.append(("rollback", to_id, reason))
-        prev, self.current = self.current, to_id
-        return prev
+    def checkpoint(self, ckpt_id):
+        return {"id": ckpt_id, "status": "promoted" if ckpt_id in self.promoted else "candidate"}
 
 
 def test_write_stage_commit(tmp_path):
@@ -196,6 +203,31 @@ def test_promote_and_rollback(tmp_path):
     assert ck.read_current(tmp_path) == store.current == "c1"
     assert ck.rollback(store, tmp_path, "base", "operator") == ck.Switch("c1", "base")
     assert ck.read_current(tmp_path) == "base"
+    with pytest.raises(CheckpointError, match="only the base or an earlier promoted checkpoint"):
+        ck.rollback(store, tmp_path, "c9", "never promoted")
+
+
+def test_promotion_is_a_compare_and_set(tmp_path):
+    make_ckpt(tmp_path, "c1")
+    make_ckpt(tmp_path, "c2")
+    store = FakeStore("c1")  # a rollback moved current to c1 while c2 was measured against base
+    with pytest.raises(PromotionSuperseded):
+        ck.promote(store, tmp_path, "c2", "gain", expected_current="base")
+    assert store.current == "c1" and store.calls == [] and ck.read_current(tmp_path) is None
+
+
+@pytest.mark.parametrize("current,parent,servable,chain,want", [
+    ("c3", "c2", True, ["base", "c1", "c2", "c3"], "c2"),
+    ("c3", "c2", False, ["base", "c1", "c3"], "c1"),
+    ("c1", "base", True, ["base", "c1"], "base"),
+])
+def test_rollback_target(current, parent, servable, chain, want):
+    assert ck.rollback_target(current, parent, servable, chain) == want
+
+
+def test_rollback_target_without_history_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="no previous promoted checkpoint"):
+        ck.rollback_target("base", None, False, ["base"])
 
 
 def test_promoting_a_vanished_candidate_fails_before_the_store_commits(tmp_path):
@@ -216,8 +248,12 @@ def test_kill_between_store_commit_and_pointer_switch_is_repaired(tmp_path):
         import json, os, signal
         from selfdistill import checkpoints as ck
 
+        import contextlib
+
         class KilledStore:
-            def commit_promotion(self, ckpt_id, reason):
+            transaction = contextlib.nullcontext
+
+            def commit_promotion(self, ckpt_id, reason, **kw):
                 tmp = {str(store_file)!r} + ".new"
                 with open(tmp, "w") as f:
                     json.dump({{"current": ckpt_id}}, f)

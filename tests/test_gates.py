@@ -211,7 +211,6 @@ def policy(**kw):
         # a bootstrap p-value is never below 1 / (samples + 1) = 1/101
         ({"test": "bootstrap", "bootstrap_samples": 100, "alpha": 0.001}, {}, "bootstrap p = 0.009901 (200 wins, 0 losses) > alpha 0.001"),
         ({"alpha": 1e-9}, {"heldout_items": 30}, None),  # 2**-30 < 1e-9: just reachable
-        ({"min_win_rate": 1.0}, {"pairwise_judge": "self"}, None),
     ],
 )
 def test_gate_can_pass(gates, evaluation, problem):

@@ -137,6 +137,13 @@ class VLLMEngine:
 
         llm, lora = self._live(adapter)
         ids = render_all(self.tokenizer, prompts, self.max_model_len)
+        if self.on_cpu and params.seed is not None and params.temperature > 0:
+            # the CPU build crashes on a per-request seed, and an engine restarted with its own
+            # seed would repeat the last round's samples: reseed the sampler's global generator
+            # (in-process engine) so each round's seed gives its own samples
+            import torch
+
+            torch.manual_seed(params.seed)
         sp = VSP(
             n=params.n,
             temperature=params.temperature,

@@ -115,11 +115,13 @@ def run_training_child(
     stop_event: threading.Event | None = None,
     accelerate_config: Path | None = None,
     on_start=None,
+    on_poll=None,
 ) -> TrainingResult:
     """Run one round in a child process group and return what became of it.
 
     `on_start(pid)`, if given, is called as soon as the child exists (the daemon records the pid
-    so that a restarted daemon can kill an orphaned group with `kill_group`).
+    so that a restarted daemon can kill an orphaned group with `kill_group`); `on_poll()` at each
+    poll while the child runs (the daemon's heartbeat: waiting on a live child is progress).
     """
     spec.result_path.parent.mkdir(parents=True, exist_ok=True)
     spec.output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +151,8 @@ def run_training_child(
             kill_group(proc.pid)
             proc.wait()
             break
+        if on_poll is not None:
+            on_poll()
         if stop_event is not None:
             stop_event.wait(POLL_S)
         else:

@@ -28,7 +28,6 @@ first stage, so the NaN guard can be tested on a real NaN.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import resource
@@ -42,7 +41,7 @@ from typing import Any
 from selfdistill.errors import TrainingError
 from selfdistill.records import chat_messages
 from selfdistill.training.guards import Guard
-from selfdistill.training.spec import RoundSpec, TrainingResult, write_json_atomic
+from selfdistill.training.spec import read_round_data, RoundSpec, TrainingResult, write_json_atomic
 
 INJECT_NAN_ENV = "SELFDISTILL_INJECT_NAN"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -53,23 +52,11 @@ class RoundFailed(TrainingError):
 
 
 def read_data(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """SFT rows and pairs of a round's JSONL data file (rows with weight 0 are dropped)."""
-    sft, pairs = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            row.setdefault("weight", 1.0)
-            if row["weight"] <= 0:
-                continue
-            if row.get("kind") == "sft":
-                sft.append(row)
-            elif row.get("kind") == "pair":
-                pairs.append(row)
-            else:
-                raise RoundFailed(f"{path}:{n}: unknown row kind {row.get('kind')!r} (expected 'sft' or 'pair')")
-    return sft, pairs
+    """SFT rows and pairs of a round's data file (spec.read_round_data), a bad row failing the round."""
+    try:
+        return read_round_data(path)
+    except ValueError as e:
+        raise RoundFailed(str(e)) from None
 
 
 def check_adapter_dir(path: Path) -> None:
@@ -331,6 +318,16 @@ def save_adapter(model, out: Path, state_dict: dict | None = None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _test_outcome(round_id: int) -> str | None:
+    """Test hook: SELFDISTILL_TEST_TRAINING="1:skip,2:fail" makes those rounds' training skip or
+    fail (every attempt), so the tests of the shipped policies meet both paths for real."""
+    for part in os.environ.get("SELFDISTILL_TEST_TRAINING", "").split(","):
+        rid, _, outcome = part.partition(":")
+        if rid.strip() == str(round_id) and outcome in ("skip", "fail"):
+            return outcome
+    return None
+
+
 def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
     """Train one round as `spec` says; the result, never an exception for a round that fails."""
     started = time.monotonic() if started is None else started
@@ -344,6 +341,11 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
             check_adapter_dir(spec.incumbent_adapter_dir)
         sft_rows, pair_rows = read_data(spec.data_path)
         metrics.update(examples=len(sft_rows), pairs=len(pair_rows))
+        forced = _test_outcome(spec.round_id)
+        if forced == "skip":
+            return TrainingResult(status="skipped", reason="test hook: round skipped", metrics=metrics, stages=stages)
+        if forced == "fail":
+            raise RoundFailed("test hook: round failed")
         todo = []
         for stage in _stages(tc.algorithm):
             have, need, what = (

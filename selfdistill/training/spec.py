@@ -27,6 +27,38 @@ records.chat_messages(prompt, system_prompt) and the tokenizer's chat template, 
 generation does. `weight` is the sampling weight of the row (rows with weight 0 are dropped)."""
 
 
+def write_round_data(path: Path, sft: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> Path:
+    """Write a round's SFT rows and pairs (store rows) in DATA_FORMAT; returns `path`."""
+    with open(path, "w") as f:
+        for r in sft:
+            f.write(json.dumps({"kind": "sft", "prompt": r["prompt"], "completion": r["completion"], "weight": r["weight"]}) + "\n")
+        for r in pairs:
+            f.write(json.dumps({"kind": "pair", "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                                "weight": r["weight"]}) + "\n")
+    return path
+
+
+def read_round_data(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """SFT rows and pairs of a round's data file (rows with weight 0 are dropped); ValueError
+    names the line of a row of unknown kind."""
+    sft, pairs = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            row.setdefault("weight", 1.0)
+            if row["weight"] <= 0:
+                continue
+            if row.get("kind") == "sft":
+                sft.append(row)
+            elif row.get("kind") == "pair":
+                pairs.append(row)
+            else:
+                raise ValueError(f"{path}:{n}: unknown row kind {row.get('kind')!r} (expected 'sft' or 'pair')")
+    return sft, pairs
+
+
 class RoundSpec(BaseModel):
     """Everything one training child needs; written as JSON by the daemon."""
 

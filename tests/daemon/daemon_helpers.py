@@ -11,70 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from sd_testutil import merged, tiny_policy_data, write_policy
 
-ROOT = Path(__file__).resolve().parents[2]
-TASKS = ROOT / "policies" / "examples" / "tasks.jsonl"
 
 
 def tiny_policy(tmp: Path, model_dir: Path, *, engine: str = "vllm", extra: str = "", stopping: str = "max_rounds = 2",
                 gates: str = 'test = "none"\nmin_gain = -1.0', name: str = "p.toml") -> Path:
-    """A policy on the tiny model whose random answers often contain a digit (the verifier)."""
-    p = tmp / name
-    p.write_text(f"""
-name = "tiny"
-state_dir = "state"
-[student]
-base_model = "{model_dir}"
-lora = {{ r = 8, alpha = 16 }}
-[engine]
-kind = "{engine}"
-dtype = "float32"
-max_model_len = 256
-cpu_kv_cache_gib = 0.25
-release_for_training = "keep"
-batch_size = 64
-[tasks]
-heldout_fraction = 0.3
-per_round = 6
-default_verifier = "regex:.*[0-9].*"
-[[tasks.sources]]
-type = "jsonl"
-path = "{TASKS}"
-[generation]
-samples_per_task = 4
-max_tokens = 12
-[pairs]
-strategy = "verified_chosen"
-[training]
-algorithm = "sft_then_dpo"
-epochs = 1
-dpo_epochs = 1
-batch_size = 4
-max_length = 96
-min_sft_examples = 1
-min_pairs = 1
-threads = 1
-min_loss_change = 0.0
-min_dpo_margin = -1000.0
-time_limit_s = 300
-[evaluation]
-heldout_items = 8
-max_tokens = 12
-anchor_prompts = ["hello", "a b c"]
-anchor_max_tokens = 8
-[gates]
-{gates}
-max_anchor_nll_increase = 1000.0
-max_empty_fraction = 1.0
-max_repetition = 1.0
-max_length_ratio = 1000.0
-[schedule]
-idle_sleep_s = 0.1
-[stopping]
-{stopping}
-{extra}
-""")
-    return p
+    """A policy file on the tiny model (sd_testutil.tiny_policy_data), with TOML snippets merged in."""
+    import tomllib
+
+    data = merged(tiny_policy_data(model_dir, engine), {"gates": tomllib.loads(gates), "stopping": tomllib.loads(stopping)},
+                  tomllib.loads(extra))
+    return write_policy(tmp / name, data)
 
 
 class DaemonProc:

@@ -226,7 +226,7 @@ def test_stop_file_and_tasks_exhausted(tmp_path, tiny_model_dir, daemon_factory)
 def test_progress_counts_regressions_plateaus_and_only_finished_rounds(tmp_path):
     """What the stopping policies see, computed from stored rounds (no engine needed)."""
     from selfdistill.config import parse_policy
-    from selfdistill.daemon import Cycle, RunState
+    from selfdistill.cycle import Cycle, RunState
     from selfdistill.store import Store
 
     policy = parse_policy({"state_dir": str(tmp_path), "tasks": {"sources": [{"type": "jsonl", "path": "x"}]},

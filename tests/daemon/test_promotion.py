@@ -18,7 +18,8 @@ import pytest
 
 from selfdistill.checkpoints import checkpoint_path, read_current, switch_current
 from selfdistill.config import load_policy
-from selfdistill.daemon import Cycle, RunState, open_state, rollback
+from selfdistill.cycle import Cycle, RunState
+from selfdistill.operations import open_state, rollback
 from selfdistill.engines.base import SamplingParams
 from selfdistill.records import chat_messages
 
@@ -107,7 +108,7 @@ def _damage(path: Path) -> None:
 def test_promote_serve_reject_rollback_and_repair(tmp_path, tiny_model_dir):
     policy = load_policy(_policy(tmp_path, tiny_model_dir))
     store = open_state(policy)
-    from selfdistill.daemon import ingest_tasks
+    from selfdistill.operations import ingest_tasks
 
     ingest_tasks(policy, store)
     cyc = Cycle(policy, store, RunState())
@@ -122,7 +123,7 @@ def test_promote_serve_reject_rollback_and_repair(tmp_path, tiny_model_dir):
     assert rnd["metrics"]["p_value"] < 0.05
     # ... and served: the engine answers with the promoted adapter
     out = cyc.engine.generate([chat_messages("Item 3: say seven.")], SamplingParams(temperature=0, max_tokens=2),
-                              adapter=cyc.adapter_for(cyc.current_id()))
+                              adapter=cyc.serving.adapter_for(cyc.current_id()))
     assert out[0][0].text.strip().startswith("7")  # the base answers whitespace here
 
     # 2. a deliberately damaged candidate is rejected with its reasons; the incumbent stays

@@ -131,7 +131,7 @@ def test_loop_beats_base_and_matched_steps_control(tmp_path):
     t_start = time.time()
     timings: dict[str, float] = {}
     from selfdistill.config import load_policy
-    from selfdistill.daemon import open_state
+    from selfdistill.operations import open_state
 
     # 1. bootstrap: full weights, a small set disjoint from every task the daemon will see
     daemon_tasks = rg_tasks("spell_backward", TASK_SEED, TASK_SIZE, WORDS)

@@ -10,7 +10,7 @@ import re
 
 from selfdistill.config import JudgeConfig
 from selfdistill.engines.base import Completion
-from selfdistill.feedback import anchor_check, judge_scores
+from selfdistill.scoring.feedback import anchor_check, judge_scores
 
 
 class Scripted:

@@ -1,0 +1,845 @@
+"""The self-improvement cycle: a round as a persisted phase machine.
+
+    sample -> generate -> score -> pair -> [train -> evaluate -> decide -> promote] -> done
+
+Every phase commits its output to the store in the same transaction that moves the round to its
+next phase, so a crash, `kill -9` or reboot loses at most the phase in flight, which is run again
+on restart. This module orchestrates and owns those transactions; the work itself is done by the
+parts it calls (serving, tasks, scoring, pairs, training, evaluation, gates, checkpoints).
+
+Stops: between rounds every stop reason ends the run. Inside a round, a stop waits for a trained
+candidate to be evaluated and decided (it cost a training round; throwing it away helps no one)
+unless the stop is immediate (a cold stop, or a STOP file whose first word is "now"). A stop by
+the wall clock does not start a phase that the last rounds' phase times say cannot finish.
+
+A phase that raises a SelfdistillError (a teacher that answers 503, a locked database, a task
+with no verifier) is retried at the next pass, up to MAX_PHASE_ATTEMPTS times per round, and the
+round is then decided "fail"; the current checkpoint is never touched by such an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from selfdistill.config import Policy
+from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError
+from selfdistill.logs import log
+from selfdistill.records import Round, Task, chat_messages
+from selfdistill.service import sd_notify
+from selfdistill.stopping import Progress, should_stop
+from selfdistill.store import Store
+
+MAX_PHASE_ATTEMPTS = 3
+GENERATE_CHUNK = 256  # prompts per engine call: the heartbeat ticks between chunks
+
+
+class StopRequested(Exception):
+    """Raised between phases when a warm stop or a stopping policy ends the run."""
+
+
+class Waiting(Exception):
+    """Nothing can be done now (no task to sample, outside the windows, a phase to retry): the
+    scheduler's next pass tries again."""
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the process and the cycle share: stop flags, trigger flags and the heartbeat."""
+
+    started: float = dataclasses.field(default_factory=time.time)
+    stop_reason: str | None = None
+    stop_is_policy: bool = False
+    warm_stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cold_stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    train_requested: bool = False
+    housekeeping_requested: bool = False
+    # the watchdog's view: the cycle is busy, and when it last made progress (monotonic)
+    busy: bool = False
+    last_beat: float = dataclasses.field(default_factory=time.monotonic)
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    def wedged(self, max_quiet_s: float) -> bool:
+        """Busy, and no progress for longer than `max_quiet_s`."""
+        return self.busy and time.monotonic() - self.last_beat > max_quiet_s
+
+
+class Cycle:
+    """One service's rounds: owns the store's transactions, the serving lifecycle and the phases."""
+
+    def __init__(self, policy: Policy, store: Store, run: RunState, progress: bool = False, max_rounds: int | None = None):
+        from selfdistill.serving import Serving
+
+        self.policy = policy
+        self.store = store
+        self.run = run
+        self.progress = progress
+        self.max_rounds = max_rounds
+        self.state_dir = policy.state_dir
+        self._model_dir: Path | None = None
+        self.serving = Serving(policy, lambda: self.model_dir)
+        self.training_child_pid: int | None = None
+        self._training_run_id: int | None = None
+        self._pending: Policy | None = None
+        self._pending_lock = threading.Lock()
+        self._decided_this_run = 0
+        self._waiting_said: str | None = None
+
+    # -- policy swaps (SIGHUP) -------------------------------------------------------------
+
+    def offer_policy(self, new: Policy) -> None:
+        """Called from the reload thread: the new policy is swapped in at the next round boundary,
+        never under a phase that is reading the old one."""
+        with self._pending_lock:
+            self._pending = new
+
+    def _adopt_pending_policy(self) -> None:
+        with self._pending_lock:
+            new, self._pending = self._pending, None
+        if new is not None:
+            self.policy = new
+            if new.logging != getattr(self, "_logging", new.logging):
+                from selfdistill.logs import setup_logging
+
+                setup_logging(new.logging.format, new.logging.level)
+            log("policy swapped in", round_boundary=True)
+        self._logging = self.policy.logging
+
+    # -- engines ---------------------------------------------------------------------------
+
+    @property
+    def model_dir(self) -> Path:
+        if self._model_dir is None:
+            from selfdistill.models import resolve_base_model
+
+            self._model_dir = resolve_base_model(self.policy.student.base_model)
+        return self._model_dir
+
+    @property
+    def engine(self):
+        from selfdistill.serving import BeatingEngine
+
+        return BeatingEngine(self.serving.engine, self.run.beat, GENERATE_CHUNK)
+
+    @property
+    def teacher(self):
+        return self.serving.teacher
+
+    def close(self) -> None:
+        self.serving.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def prompt_text(self, task: Task) -> str:
+        return task.prompt + self.policy.tasks.prompt_suffix
+
+    def messages(self, task: Task) -> list[dict[str, str]]:
+        return chat_messages(self.prompt_text(task), self.policy.student.system_prompt)
+
+    def current_id(self) -> str:
+        return self.store.current_checkpoint()["id"]
+
+    def say(self, round_id: int | None, phase: str, **fields: Any) -> None:
+        log(f"round {round_id} {phase}", round=round_id, phase=phase, **fields)
+        if self.progress:
+            extra = "  ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            print(f"[{time.strftime('%H:%M:%S')}] round {round_id} | {phase:8} | {extra}", flush=True)
+        sd_notify(f"STATUS=round {round_id}: {phase}")
+
+    def _immediate_stop(self) -> bool:
+        if self.run.cold_stop.is_set():
+            return True
+        f = self.state_dir / self.policy.stopping.stop_file
+        try:
+            return f.read_text().split()[:1] == ["now"]
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def check_stop(self, next_phase: str | None = None) -> None:
+        """Raise StopRequested if a signal, the STOP file or a stopping policy says so. Inside a
+        round with a trained candidate (`next_phase` evaluate, decide or promote) only an
+        immediate stop counts."""
+        if next_phase in ("evaluate", "decide", "promote") and not self._immediate_stop():
+            return
+        reason, is_policy = self.stop_reason()
+        if reason is None and next_phase in (None, "train"):
+            reason = self._no_time_for(next_phase)
+            is_policy = reason is not None
+        if reason:
+            if self.run.stop_reason is None:
+                self.run.stop_reason, self.run.stop_is_policy = reason, is_policy
+            raise StopRequested(reason)
+
+    def _no_time_for(self, next_phase: str | None) -> str | None:
+        """A wall-clock stop, early: the reason not to start what the last rounds say cannot end
+        before `stopping.max_wall_s` (None: go ahead)."""
+        limit = self.policy.stopping.max_wall_s
+        if limit is None:
+            return None
+        from selfdistill.schedule import predicted_seconds
+
+        what = ("train", "evaluate", "decide", "promote") if next_phase == "train" else ("sample", "generate", "score", "pair")
+        need = predicted_seconds(self.store.phases(), what)
+        left = limit - (time.time() - self.run.started)
+        if need is None or need <= left:
+            return None
+        name = "training round" if next_phase == "train" else "round"
+        return (f"wall clock: the next {name} would take about {need:.0f}s (the last rounds' median) and "
+                f"{max(left, 0):.0f}s are left of max_wall_s = {limit:.0f}s; it starts on the next run")
+
+    def progress_snapshot(self, tasks_exhausted: bool = False) -> Progress:
+        rounds = self.store.rounds()
+        mine = [r for r in rounds if (r.finished_at or 0) >= self.run.started]  # finished in this run, resumed ones too
+        trained = [r for r in rounds if r.decision in ("promote", "reject") and r.status != "running"]
+        cur_eval = self.store.latest_evaluation(self.current_id(), "heldout")
+        regress = sum(1 for r in trained if (r.metrics or {}).get("gain", 0) < 0)
+        self._decided_this_run = sum(1 for r in mine if r.decided)
+        return Progress(
+            decided_rounds=sum(1 for r in rounds if r.decided),
+            wall_s=time.time() - self.run.started,
+            generated_tokens=self.store.total_generated_tokens(),
+            incumbent_accuracy=cur_eval["metrics"].get("accuracy") if cur_eval else None,
+            decisions=[r.decision for r in trained],
+            regressions=regress,
+            tasks_exhausted=tasks_exhausted,
+            stop_file_present=(self.state_dir / self.policy.stopping.stop_file).exists(),
+            signal_received=self.run.warm_stop.is_set(),
+        )
+
+    def stop_reason(self, tasks_exhausted: bool = False) -> tuple[str | None, bool]:
+        p = self.progress_snapshot(tasks_exhausted)
+        if self.max_rounds is not None and self._decided_this_run >= self.max_rounds and not p.signal_received:
+            return f"--max-rounds: {self._decided_this_run} rounds decided in this run", False
+        reason = should_stop(p, self.policy.stopping)
+        return reason, bool(reason) and not reason.startswith("signal")
+
+    def _wait(self, why: str) -> None:
+        if self._waiting_said != why:  # said once, not at every pass of the scheduler
+            log("waiting", reason=why)
+            sd_notify(f"STATUS=waiting: {why}")
+            self._waiting_said = why
+        raise Waiting(why)
+
+    # -- the round -------------------------------------------------------------------------
+
+    def run_round(self) -> Round:
+        """Run (or resume) one round to its end, phase by phase; returns the finished round.
+        Raises StopRequested to end the run and Waiting when there is nothing to do now."""
+        from selfdistill.schedule import idle_outside_windows
+
+        self._adopt_pending_policy()
+        self.check_stop()
+        rnd = self.store.open_round()
+        if rnd is None:
+            if idle_outside_windows(self.policy.schedule, time.localtime()):
+                self.serving.release("idling outside the training windows")
+                self._wait("outside the training windows (schedule.outside_windows = 'idle')")
+            rid = self.store.create_round(self.current_id())
+            log("round started", round=rid, incumbent=self.current_id())
+        else:
+            rid = rnd.id
+            log("round resumed", round=rid, phase=rnd.phase)
+        self.run.busy = True
+        try:
+            while True:
+                rnd = self.store.get_round(rid)
+                if rnd.finished:
+                    self._waiting_said = None
+                    return rnd
+                t0 = time.time()
+                self.run.beat()
+                _test_delay(rnd.phase, self.run)
+                try:
+                    getattr(self, f"phase_{rnd.phase}")(rnd, t0)
+                except (StopRequested, Waiting):
+                    raise
+                except SelfdistillError as e:
+                    if _is_disk_full(e):
+                        raise
+                    self._phase_failed(rnd, t0, e)
+                self.run.beat()
+                self.check_stop(self.store.get_round(rid).phase)
+        finally:
+            self.run.busy = False
+
+    def _phase_failed(self, rnd: Round, t0: float, e: SelfdistillError) -> None:
+        attempts = rnd.attempts + 1
+        self.store.update_round(rnd.id, attempts=attempts)
+        self.store.event("phase_failed", f"round {rnd.id} {rnd.phase} (attempt {attempts} of {MAX_PHASE_ATTEMPTS}): {e}",
+                         level="warning", round_id=rnd.id)
+        log("phase failed", logging.WARNING, round=rnd.id, phase=rnd.phase, attempt=attempts, error=str(e))
+        if attempts < MAX_PHASE_ATTEMPTS:
+            raise Waiting(f"round {rnd.id} {rnd.phase} failed; retried at the next pass") from None
+        if rnd.candidate_id:
+            self.store.set_checkpoint_status(rnd.candidate_id, "failed", str(e))
+        self.finish(rnd.id, t0, rnd.phase, {"attempts": attempts}, decision="fail", status="failed",
+                    reasons=[f"{rnd.phase} failed {attempts} times: {e}"], error=str(e))
+
+    def finish(self, rid: int, started: float, phase: str, counts: dict[str, Any], *, decision: str | None = None,
+               status: str = "done", reasons: list[str] | None = None, error: str | None = None,
+               also: Callable[[], None] | None = None) -> None:
+        with self.store.transaction():
+            self.store.record_phase(rid, phase, started, counts, "done")
+            self.store.update_round(rid, status=status, decision=decision, finished_at=time.time(),
+                                    **({"reasons": reasons} if reasons is not None else {}), **({"error": error} if error else {}))
+            if decision in ("fail", "skip", "superseded"):
+                self.store.event("decision", f"round {rid}: {decision}: {'; '.join(reasons or [])}",
+                                 level="warning" if decision == "fail" else "info", round_id=rid)
+            if also is not None:
+                also()
+        self.say(rid, "done", decision=decision or "collect", reasons="; ".join(reasons or []))
+
+    # sample ----------------------------------------------------------------------------------
+
+    def phase_sample(self, rnd: Round, t0: float) -> None:
+        from selfdistill.schedule import round_seed
+        from selfdistill.tasks.curriculum import sample_tasks, sampling_weights
+        from selfdistill.tasks.sources import source_name
+
+        rid = rnd.id
+        expanded = self.expand(rid)  # teacher calls happen before the transaction, written inside it
+        tcfg = self.policy.tasks
+        source_weights = {source_name(s): s.weight for s in tcfg.sources}
+        with self.store.transaction():
+            for tasks, event in expanded:
+                added, _ = self.store.add_tasks(tasks, tcfg.heldout_fraction, tcfg.audit_fraction)
+                self.store.event(event["kind"], event["message"].format(added=added), round_id=rid,
+                                 data={**event.get("data", {}), "added": added}, level=event.get("level", "info"))
+            pool = self.store.tasks(split="train")
+            weights = sampling_weights(pool, tcfg.curriculum, source_weights)
+            chosen = sample_tasks(pool, weights, tcfg.per_round, random.Random(round_seed(self.policy.generation.seed, rid)))
+            if chosen:
+                self.store.set_round_tasks(rid, [t.id for t in chosen])
+                self.store.record_phase(rid, "sample", t0, {"tasks": len(chosen), "pool": len(pool)}, "generate")
+        if chosen:
+            self.say(rid, "sample", tasks=len(chosen), pool=len(pool))
+            return
+        if not self.policy.stopping.stop_when_tasks_exhausted:
+            self._wait("no training task can be sampled (stopping.stop_when_tasks_exhausted = false: waiting for tasks)")
+        reason, _ = self.stop_reason(tasks_exhausted=True)
+        self.finish(rid, t0, "sample", {"tasks": 0}, decision="skip", status="skipped", reasons=["no training task left to sample"])
+        self.run.stop_reason = reason or "tasks exhausted: no training task can be sampled any more"
+        self.run.stop_is_policy = True
+        raise StopRequested(self.run.stop_reason)
+
+    def expand(self, rid: int) -> list[tuple[list, dict]]:
+        """New tasks from the expansion sources (nothing is written here): (tasks, event) each."""
+        exp = [s for s in self.policy.tasks.sources if s.type == "expansion"]
+        if not exp:
+            return []
+        from selfdistill.errors import EngineError
+        from selfdistill.tasks.expansion import expand_tasks
+
+        out = []
+        for src in exp:
+            seeds = [t for t in self.store.tasks(split="train") if src.seeds_from in ("all", t.source)][:200]
+            known = [t.prompt for t in self.store.tasks()]
+            try:
+                engine = self.teacher if src.by == "teacher" else self.engine
+                adapter = self.serving.adapter_for(self.current_id()) if src.by == "student" else None
+                res = expand_tasks(engine, seeds, src, known, random.Random(rid), adapter=adapter,
+                                   system_prompt=self.policy.student.system_prompt if src.by == "student" else None)
+            except EngineError as e:
+                log("expansion skipped", logging.WARNING, round=rid, error=str(e))
+                out.append(([], {"kind": "teacher_unavailable", "message": f"expansion skipped: {e}".replace("{", "{{").replace("}", "}}"),
+                                 "level": "warning"}))
+                continue
+            log("tasks expanded", round=rid, by=src.by, asked=res.asked, rejected=dict(res.rejected))
+            out.append((res.tasks, {"kind": "expansion", "message": f"{{added}} new tasks by {src.by}",
+                                    "data": {"asked": res.asked, "rejected": dict(res.rejected)}}))
+        return out
+
+    # generate --------------------------------------------------------------------------------
+
+    def phase_generate(self, rnd: Round, t0: float) -> None:
+        from selfdistill.engines.base import SamplingParams
+        from selfdistill.schedule import round_seed
+
+        rid = rnd.id
+        tasks = self.store.round_tasks(rid)
+        g = self.policy.generation
+        params = SamplingParams(n=g.samples_per_task, temperature=g.temperature, top_p=g.top_p,
+                                max_tokens=g.max_tokens, stop=tuple(g.stop), seed=round_seed(g.seed, rid))
+        ckpt, adapter = self.incumbent_adapter(rnd)
+        outs = self.engine.generate([self.messages(t) for t in tasks], params, adapter=adapter)
+        rows = []
+        for t, comps in zip(tasks, outs):
+            for i, c in enumerate(comps):
+                rows.append({
+                    "round_id": rid, "task_id": t.id, "checkpoint_id": ckpt, "purpose": "train", "sample_index": i,
+                    "prompt": self.prompt_text(t), "text": c.text, "params": params.as_dict(),
+                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+                })
+        tokens = sum(r["completion_tokens"] for r in rows)
+        with self.store.transaction():
+            self.store.delete_generations(rid, "train")
+            self.store.add_generations(rows)
+            self.store.record_phase(rid, "generate", t0, {"generations": len(rows), "tokens": tokens}, "score")
+        dt = time.time() - t0
+        self.say(rid, "generate", generations=len(rows), tokens=tokens, tokens_per_s=round(tokens / max(dt, 1e-9), 1))
+
+    # score -----------------------------------------------------------------------------------
+
+    def phase_score(self, rnd: Round, t0: float) -> None:
+        from selfdistill.scoring.verifiers import resolve_verifier
+
+        rid = rnd.id
+        tasks = {t.id: t for t in self.store.round_tasks(rid)}
+        gens = self.store.generations(rid, "train")
+        sc = self.policy.scoring
+        score_rows: list[dict[str, Any]] = []
+        stats: dict[int, list[float]] = {}
+        verdicts: dict[int, bool] = {}
+        if sc.use_verifier:
+            for g in gens:
+                t = tasks[g["task_id"]]
+                verify = resolve_verifier(t, self.policy.tasks.default_verifier, sc, (str(self.state_dir),))
+                if verify is None:
+                    continue
+                res = verify(g["text"], t)
+                verdicts[g["id"]] = bool(res.correct)
+                score_rows.append({"generation_id": g["id"], "scorer": f"verifier:{verify.name}", "score": res.score,
+                                   "correct": res.correct, "details": res.details})
+                a = stats.setdefault(t.id, [0, 0.0])
+                a[0] += 1
+                a[1] += 1.0 if res.correct else 0.0
+        judged, health, events = self.judge_scores(rid, tasks, gens, verdicts)
+        score_rows += judged
+        with self.store.transaction():
+            for h in health:
+                self.store.add_judge_health(**h)
+            for ev in events:
+                self.store.event(**ev)
+            self.store.add_scores(score_rows)
+            self.store.update_task_stats({k: (int(v[0]), v[1]) for k, v in stats.items()})
+            self.store.record_phase(rid, "score", t0, {"scores": len(score_rows)}, "pair")
+        n_correct = sum(1 for r in score_rows if r.get("correct"))
+        n_ver = sum(1 for r in score_rows if r["scorer"].startswith("verifier"))
+        self.say(rid, "score", scores=len(score_rows), correct=f"{n_correct}/{n_ver}",
+                 pass_rate=round(n_correct / n_ver, 3) if n_ver else None)
+
+    def judge_scores(self, rid: int, tasks: dict[int, Task], gens: list[dict], verdicts: dict[int, bool]):
+        """Self- and teacher-judge scores from judges whose anchor check passed, with the health
+        rows and events to write beside them (in the score phase's transaction).
+
+        The check runs on this round's verifier-scored answers when the judge was never checked or
+        its last check is older than `recheck_every_rounds`; an unhealthy judge scores nothing.
+        """
+        from selfdistill.errors import EngineError
+        from selfdistill.scoring.feedback import anchor_check, judge_scores
+
+        sc = self.policy.scoring
+        rows: list[dict[str, Any]] = []
+        health: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
+        known = [{**g, "correct": verdicts.get(g["id"])} for g in gens]
+        for who, cfg in (("self", sc.self_judge), ("teacher", sc.teacher_judge)):
+            if not cfg.enabled:
+                continue
+            try:
+                engine = self.engine if who == "self" else self.teacher
+                adapter = self.serving.adapter_for(self.current_id()) if who == "self" else None
+                last = self.store.latest_judge_health(who)
+                if last is None or rid - (last["round_id"] or 0) >= cfg.recheck_every_rounds:
+                    h = anchor_check(engine, who, cfg, known, prompts, adapter, random.Random(rid))
+                    health.append({"judge": who, "healthy": h.healthy, "agreement": h.agreement, "position_bias": h.position_bias,
+                                   "distinct_scores": h.distinct_scores,
+                                   "details": {"reasons": h.reasons, "n": h.n, "unparseable": h.unparseable}, "round_id": rid})
+                    level = logging.INFO if h.healthy else logging.WARNING
+                    log("judge checked", level, round=rid, judge=who, healthy=h.healthy, agreement=h.agreement,
+                        position_bias=h.position_bias, reasons=h.reasons)
+                    if not h.healthy:
+                        events.append({"kind": "judge_unhealthy", "message": f"{who} judge stops contributing: {'; '.join(h.reasons)}",
+                                       "level": "warning", "round_id": rid})
+                    healthy = h.healthy
+                else:
+                    healthy = bool(last["healthy"])
+                if healthy:
+                    rows += judge_scores(engine, who, cfg, gens, prompts, adapter)
+            except EngineError as e:
+                log("judge unavailable", logging.WARNING, round=rid, judge=who, error=str(e))
+                events.append({"kind": "teacher_unavailable" if who == "teacher" else "judge_unavailable",
+                               "message": f"{who} judge skipped this round: {e}", "level": "warning", "round_id": rid})
+        return rows, health, events
+
+    # pair ------------------------------------------------------------------------------------
+
+    def phase_pair(self, rnd: Round, t0: float) -> None:
+        from selfdistill.pairs import build_pairs, build_sft, candidates_from_scores
+        from selfdistill.schedule import train_due
+
+        rid = rnd.id
+        tasks = {t.id: t for t in self.store.round_tasks(rid)}
+        by_task = candidates_from_scores(self.store.scores_for_round(rid, "train"), self.unhealthy_judges())
+        prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
+        pairs = build_pairs(by_task, prompts, self.policy.pairs)
+        sft = build_sft(by_task, prompts, self.policy.pairs)
+        events = []
+        sc = self.policy.scoring
+        if (sc.teacher_label or sc.teacher_revise) and self.policy.teacher is not None:
+            from selfdistill.engines.base import SamplingParams
+            from selfdistill.errors import EngineError
+            from selfdistill.scoring.feedback import teacher_feedback
+
+            t = self.policy.teacher
+            try:
+                t_sft, t_pairs = teacher_feedback(
+                    self.teacher, tasks, by_task, label=sc.teacher_label, revise=sc.teacher_revise,
+                    params=SamplingParams(n=1, temperature=t.temperature, max_tokens=t.max_tokens),
+                    prompt_suffix=self.policy.tasks.prompt_suffix, system_prompt=self.policy.student.system_prompt,
+                    default_verifier=self.policy.tasks.default_verifier, weight=self.policy.pairs.weights.get("teacher", 1.0))
+                sft += t_sft
+                pairs += t_pairs
+            except EngineError as e:  # the teacher is down: keep going on verifier data
+                log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
+                events.append({"kind": "teacher_unavailable", "message": f"teacher labels skipped this round: {e}",
+                               "level": "warning", "round_id": rid})
+        with self.store.transaction():
+            for ev in events:
+                self.store.event(**ev)
+            self.store.delete_training_data(rid)
+            n_pairs, n_sft = self.store.add_training_data(rid, pairs, sft)
+            train_now, why = train_due(self.policy.schedule, new_data=self.store.count_new_training_data(),
+                                       requested=self.run.train_requested, now=time.localtime())
+            counts = {"pairs": n_pairs, "sft": n_sft, "train": train_now}
+            if train_now:
+                self.store.record_phase(rid, "pair", t0, counts, "train")
+            else:
+                self.store.record_phase(rid, "pair", t0, counts, "done")
+                self.store.update_round(rid, status="done", decision="collect", reasons=[why], finished_at=time.time())
+        self.say(rid, "pair", pairs=n_pairs, sft=n_sft, train="yes" if train_now else f"no ({why})")
+
+    def unhealthy_judges(self) -> set[str]:
+        out = set()
+        for who in ("self", "teacher"):
+            h = self.store.latest_judge_health(who)
+            if h is not None and not h["healthy"]:
+                out.add(who)
+        return out
+
+    # train -----------------------------------------------------------------------------------
+
+    def phase_train(self, rnd: Round, t0: float) -> None:
+        from selfdistill.checkpoints import checkpoint_path, discard_unrecorded, new_checkpoint_dir
+        from selfdistill.training.child import kill_group, run_training_child
+        from selfdistill.training.spec import RoundSpec, write_round_data
+
+        rid = rnd.id
+        tr = self.policy.training
+        # a run left 'running' by a crash is over: its trainer must not outlive the daemon that
+        # started it (it would race this one for the checkpoint id); it counts as an attempt
+        for run in self.store.training_runs(rid):
+            if run["status"] == "running":
+                if run["pid"] and _is_trainer(run["pid"]):
+                    kill_group(run["pid"])
+                self.store.finish_training_run(run["id"], "failed", {}, "interrupted: the daemon stopped during training")
+        attempt = len(self.store.training_runs(rid)) + 1
+        data = self.store.training_data(rid, tr.data_scope, tr.replay_fraction, tr.seed)
+        ckpt_id = self.store.next_checkpoint_id()
+        # an adapter renamed into place by a trainer whose result was never recorded: train afresh
+        if discard_unrecorded(self.state_dir, ckpt_id, recorded=False):
+            log("discarded an unrecorded adapter directory", logging.WARNING, round=rid, checkpoint=ckpt_id)
+        out_dir = new_checkpoint_dir(self.state_dir, ckpt_id)
+        work = self.state_dir / "tmp" / f"round-{rid}-attempt-{attempt}"
+        work.mkdir(parents=True, exist_ok=True)
+        data_path = write_round_data(work / "data.jsonl", data["sft"], data["pairs"])
+        incumbent = rnd.incumbent_id
+        spec = RoundSpec(
+            round_id=rid, attempt=attempt, base_model_dir=str(self.model_dir),
+            incumbent_adapter_dir=str(checkpoint_path(self.state_dir, incumbent)) if incumbent != "base" else None,
+            output_dir=str(out_dir), data_path=str(data_path), system_prompt=self.policy.student.system_prompt,
+            training=tr.model_dump(mode="json"), lora=self.policy.student.lora.model_dump(mode="json"),
+            result_path=str(work / "result.json"), threads=tr.threads, seed=tr.seed + attempt - 1,
+            hf_home=str(self.state_dir / "cache" / "hf"),
+        )
+        counts = {"sft": len(data["sft"]), "pairs": len(data["pairs"])}
+        self._training_run_id = self.store.start_training_run(rid, attempt, {**counts, "output": str(out_dir)})
+        self.say(rid, "train", attempt=attempt, candidate=ckpt_id, **counts)
+        self.serving.release("training")  # the engine comes back by itself at its next use
+        try:
+            result = run_training_child(spec, launcher=tr.launcher, num_processes=tr.num_processes,
+                                        time_limit_s=tr.time_limit_s, stop_event=self.run.cold_stop,
+                                        accelerate_config=tr.accelerate_config,
+                                        on_start=self._child_started, on_poll=self.run.beat)
+        finally:
+            self.training_child_pid = None
+        self.store.finish_training_run(self._training_run_id, result.status, result.metrics, result.reason, result.pid)
+        if self.run.cold_stop.is_set():
+            raise StopRequested("cold stop during training")
+        if result.status == "succeeded":
+            with self.store.transaction():
+                self.store.add_checkpoint(ckpt_id, incumbent, rid, str(out_dir),
+                                          {**counts, "metrics": result.metrics,
+                                           "sft_ids": [r["id"] for r in data["sft"]], "pair_ids": [r["id"] for r in data["pairs"]]})
+                self.store.mark_data_used(rid, [r["id"] for r in data["sft"]], [r["id"] for r in data["pairs"]])
+                self.store.update_round(rid, candidate_id=ckpt_id)
+                self.store.merge_round_metrics(rid, {"training": result.metrics})
+                self.store.record_phase(rid, "train", t0, {**counts, **_numeric(result.metrics)}, "evaluate")
+            self.run.train_requested = False
+            shutil.rmtree(work, ignore_errors=True)
+            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1))
+        elif result.status == "skipped":
+            self.run.train_requested = False
+            self.finish(rid, t0, "train", counts, decision="skip", reasons=[result.reason or "skipped"])
+        else:
+            self.store.event("training_failed", f"round {rid} attempt {attempt}: {result.reason}", level="error", round_id=rid)
+            if attempt <= tr.max_retries:
+                self.say(rid, "train", result="failed, will retry", reason=result.reason)
+                return  # the phase stays 'train': the next pass retries
+            self.finish(rid, t0, "train", {"attempts": attempt}, decision="fail", status="failed",
+                        reasons=[f"training failed: {result.reason}"], error=result.reason)
+
+    def _child_started(self, pid: int) -> None:
+        self.training_child_pid = pid
+        # recorded at once, so a restarted daemon can find and kill an orphaned trainer
+        self.store.set_training_pid(self._training_run_id, pid)
+
+    # evaluate --------------------------------------------------------------------------------
+
+    def heldout_tasks(self) -> list[Task]:
+        return self.store.tasks(split="heldout", limit=self.policy.evaluation.heldout_items)
+
+    def evaluate_checkpoint(self, ckpt_id: str, round_id: int | None) -> dict[str, Any]:
+        """Held-out and anchor evaluation of a checkpoint (cached per checkpoint and item set)."""
+        from selfdistill.evaluation import anchor_nll, evaluate_heldout
+        from selfdistill.scoring.verifiers import resolve_verifier
+
+        tasks = self.heldout_tasks()
+        ids = [t.id for t in tasks]
+        ev = self.store.latest_evaluation(ckpt_id, "heldout", ids)
+        anc = self.store.latest_evaluation(ckpt_id, "anchors")
+        if ev is not None and anc is not None:
+            return {"heldout": ev, "anchors": anc}
+        adapter = self.serving.adapter_for(ckpt_id)
+        if ev is None:
+            def verify(text: str, task: Task):
+                v = resolve_verifier(task, self.policy.tasks.default_verifier, self.policy.scoring, (str(self.state_dir),))
+                if v is None:
+                    raise SelfdistillError(f"held-out task {task.id} has no verifier: give it an answer or a verifier, or set tasks.default_verifier")
+                r = v(text, task)
+                return r.score, r.correct
+
+            res = evaluate_heldout(self.engine, adapter, tasks, verify, self.messages, self.policy.evaluation.max_tokens)
+            self.store.add_evaluation(ckpt_id, "heldout", res.metrics, [dataclasses.asdict(i) for i in res.items], round_id)
+        if anc is None:
+            refs = self.anchor_refs()
+            nll = anchor_nll(self.engine, adapter, [chat_messages(p, self.policy.student.system_prompt) for p in self.policy.evaluation.anchor_prompts], refs)
+            self.store.add_evaluation(ckpt_id, "anchors", {"nll": nll}, [], round_id)
+        return {"heldout": self.store.latest_evaluation(ckpt_id, "heldout", ids), "anchors": self.store.latest_evaluation(ckpt_id, "anchors")}
+
+    def anchor_refs(self) -> list[str]:
+        """The base model's greedy answers to the anchor prompts, computed once and kept."""
+        key = "anchor_refs:" + json.dumps(self.policy.evaluation.anchor_prompts)
+        raw = self.store.get_meta(key)
+        if raw is not None:
+            return json.loads(raw)
+        from selfdistill.evaluation import anchor_references
+
+        msgs = [chat_messages(p, self.policy.student.system_prompt) for p in self.policy.evaluation.anchor_prompts]
+        refs = anchor_references(self.engine, msgs, self.policy.evaluation.anchor_max_tokens)
+        self.store.set_meta(key, json.dumps(refs))
+        return refs
+
+    def incumbent_adapter(self, rnd: Round) -> tuple[str, str | None]:
+        """The round's incumbent and its adapter name in the engine. An incumbent whose adapter
+        truly cannot be served (gone, damaged, for another base) is replaced by the base: the
+        switch, the round's new incumbent and the reason are one transaction. Any other error
+        propagates (the phase is retried) and leaves `current` alone."""
+        from selfdistill import checkpoints
+
+        inc = rnd.incumbent_id
+        try:
+            return inc, self.serving.adapter_for(inc)
+        except (CheckpointError, ModelError) as e:
+            why = f"incumbent {inc} cannot be served ({e}); the base is served instead"
+            log("incumbent cannot be served; serving the base", logging.ERROR, round=rnd.id, incumbent=inc, error=str(e))
+
+            def record() -> None:
+                self.store.update_round(rnd.id, incumbent_id="base")
+                self.store.event("incumbent_unloadable", why, level="error", round_id=rnd.id)
+
+            checkpoints.promote(self.store, self.state_dir, "base", why, kind="fallback", round_id=rnd.id,
+                                expected_current=inc, also=record)
+            return "base", None
+
+    def phase_evaluate(self, rnd: Round, t0: float) -> None:
+        rid = rnd.id
+        cand = rnd.candidate_id
+        inc, _ = self.incumbent_adapter(rnd)
+        inc_ev = self.evaluate_checkpoint(inc, rid)
+        try:
+            cand_ev = self.evaluate_checkpoint(cand, rid)
+        except (CheckpointError, ModelError) as e:
+            why = str(e)
+            self.finish(rid, t0, "evaluate", {}, decision="fail", status="failed", reasons=[why], error=why,
+                        also=lambda: self.store.set_checkpoint_status(cand, "failed", why))
+            return
+        i_m, c_m = inc_ev["heldout"]["metrics"], cand_ev["heldout"]["metrics"]
+        with self.store.transaction():
+            self.store.merge_round_metrics(rid, {
+                "incumbent_accuracy": i_m.get("accuracy"), "candidate_accuracy": c_m.get("accuracy"),
+                "incumbent_ci": [i_m.get("ci_low"), i_m.get("ci_high")], "candidate_ci": [c_m.get("ci_low"), c_m.get("ci_high")],
+            })
+            self.store.record_phase(rid, "evaluate", t0, {"items": i_m.get("n")}, "decide")
+        self.say(rid, "evaluate", incumbent=_acc(i_m), candidate=_acc(c_m))
+
+    # decide ----------------------------------------------------------------------------------
+
+    def phase_decide(self, rnd: Round, t0: float) -> None:
+        from selfdistill.gates import decide
+
+        rid = rnd.id
+        inc, cand = rnd.incumbent_id, rnd.candidate_id
+        tasks = self.heldout_tasks()
+        cats = {t.id: (t.category or "") for t in tasks}
+        ids = [t.id for t in tasks]
+        base_anchor = self.store.latest_evaluation("base", "anchors")
+        d = decide(self.gate_metrics(cand, ids, cats), self.gate_metrics(inc, ids, cats), self.policy.gates,
+                   base_anchor_nll=base_anchor["metrics"]["nll"] if base_anchor else None)
+        decision = "promote" if d.promote else "reject"
+        with self.store.transaction():
+            self.store.merge_round_metrics(rid, _jsonable(d.numbers))
+            self.store.update_round(rid, decision=decision, reasons=d.reasons)
+            if not d.promote:
+                self.store.set_checkpoint_status(cand, "rejected", "; ".join(d.reasons))
+            self.store.event("decision", f"round {rid}: {decision} {cand}: {'; '.join(d.reasons)}",
+                             round_id=rid, data=_jsonable(d.numbers))
+            if d.promote:
+                self.store.record_phase(rid, "decide", t0, {"decision": decision}, "promote")
+            else:
+                self.store.record_phase(rid, "decide", t0, {"decision": decision}, "done")
+                self.store.update_round(rid, status="done", finished_at=time.time())
+        self.say(rid, "decide", decision=decision, reasons="; ".join(d.reasons))
+        if not d.promote:
+            self.serving.drop_adapter(cand)
+
+    def gate_metrics(self, ckpt_id: str, ids: list[int], cats: dict[int, str]):
+        """The gate's view of a checkpoint's stored evaluations."""
+        from selfdistill.evaluation import gate_input
+
+        ev = self.store.latest_evaluation(ckpt_id, "heldout", ids)
+        if ev is None:
+            raise SelfdistillError(f"checkpoint {ckpt_id} has no held-out evaluation on the current items; the evaluate phase must run first")
+        return gate_input(ev, self.store.latest_evaluation(ckpt_id, "anchors"), cats)
+
+    # promote ---------------------------------------------------------------------------------
+
+    def phase_promote(self, rnd: Round, t0: float) -> None:
+        from selfdistill import checkpoints
+
+        rid, cand, inc = rnd.id, rnd.candidate_id, rnd.incumbent_id
+
+        def record() -> None:
+            self.store.record_phase(rid, "promote", t0, {}, "done")
+            self.store.update_round(rid, status="done", finished_at=time.time())
+
+        try:
+            checkpoints.promote(self.store, self.state_dir, cand, f"round {rid}: gates passed", round_id=rid,
+                                expected_current=inc, also=record)
+        except PromotionSuperseded as e:
+            why = str(e)
+            self.finish(rid, t0, "promote", {}, decision="superseded", reasons=[why],
+                        also=lambda: self.store.set_checkpoint_status(cand, "rejected", why))
+            self.serving.drop_adapter(cand)
+            return
+        except CheckpointError as e:  # the candidate vanished or was damaged after the decision
+            why = str(e)
+            self.finish(rid, t0, "promote", {}, decision="fail", status="failed", reasons=[why], error=why,
+                        also=lambda: self.store.set_checkpoint_status(cand, "failed", why))
+            return
+        self.serving.drop_adapter(inc)
+        self.say(rid, "promote", current=cand)
+
+    # upkeep ----------------------------------------------------------------------------------
+
+    def housekeeping(self) -> dict[str, Any]:
+        from selfdistill.checkpoints import cleanup_temp_dirs, retention
+
+        chain = self.store.promoted_chain()
+        rejected = [c["id"] for c in reversed(self.store.checkpoints()) if c["status"] in ("rejected", "failed")]
+        deleted = retention(self.state_dir, chain + [self.current_id()], rejected, self.policy.retention.keep_rejected)
+        for cid in deleted:
+            self.store.set_checkpoint_status(cid, "deleted")
+        cleaned = cleanup_temp_dirs(self.state_dir) if self.training_child_pid is None else []
+        self.store.wal_checkpoint()
+        vacuumed = self.store.vacuum_if_worthwhile()
+        out = {"deleted": deleted, "temp_cleaned": cleaned, "vacuumed": vacuumed}
+        log("housekeeping", **out)
+        return out
+
+    def recover(self) -> None:
+        """After a crash: make the `current` pointer agree with the store, drop half-written dirs."""
+        from selfdistill.checkpoints import cleanup_temp_dirs, repair_pointer
+
+        repaired = repair_pointer(self.state_dir, self.current_id())
+        if repaired:
+            self.store.event("repair", f"current pointer repaired: {repaired}", level="warning")
+            log("current pointer repaired", logging.WARNING, detail=repaired)
+        cleanup_temp_dirs(self.state_dir)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, StoreError) and "disk is full" in str(e)
+
+
+def _is_trainer(pid: int) -> bool:
+    """Is `pid` alive and a selfdistill training child (not a recycled PID)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"selfdistill.training" in f.read()
+    except OSError:
+        return False
+
+
+def _test_delay(phase: str, run: RunState) -> None:
+    """Test hooks, read from the environment at each phase's start:
+    SELFDISTILL_TEST_DELAY="generate:30,train:5" sleeps at the start of those phases (a warm stop
+    cuts it short; the heartbeat keeps beating), so a test can signal or kill the daemon while a
+    given phase is in flight; SELFDISTILL_TEST_WEDGE="generate:20" sleeps without a heartbeat,
+    as a cycle stuck in a call would, so a test can see the watchdog fire."""
+    for var, beating in (("SELFDISTILL_TEST_DELAY", True), ("SELFDISTILL_TEST_WEDGE", False)):
+        for part in os.environ.get(var, "").split(","):
+            name, _, secs = part.partition(":")
+            if name != phase:
+                continue
+            log("test delay" if beating else "test wedge", phase=phase, seconds=float(secs))
+            end = time.monotonic() + float(secs)
+            while time.monotonic() < end and not (beating and run.warm_stop.is_set()):
+                if beating:
+                    run.beat()
+                time.sleep(min(0.2, max(end - time.monotonic(), 0)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _acc(m: dict) -> str:
+    if m.get("accuracy") is None:
+        return "-"
+    return f"{m['accuracy']:.3f} [{m.get('ci_low', 0):.3f},{m.get('ci_high', 0):.3f}]"
+
+
+def _numeric(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float))}
+
+
+def _jsonable(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,130 @@
+"""Maintenance operations on a state directory: set-up (`init`), task ingest, forced promotion,
+rollback and export. They only use store transactions, so they are safe while the daemon runs
+(a promotion in flight is a compare-and-set and yields to them).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from selfdistill.config import BUNDLED_STUDENT, Policy
+from selfdistill.errors import CheckpointError
+from selfdistill.logs import log
+from selfdistill.service import prepare_state_dir
+from selfdistill.store import DB_NAME, Store
+
+
+def open_state(policy: Policy) -> Store:
+    prepare_state_dir(policy.state_dir)
+    store = Store.create(policy.state_dir / DB_NAME)
+    store.ensure_base_checkpoint()
+    return store
+
+
+def base_model_dir(policy: Policy, prepare: bool = False) -> Path:
+    from selfdistill.models import prepare_bundled, resolve_base_model
+
+    if prepare and policy.student.base_model == BUNDLED_STUDENT:
+        return prepare_bundled()
+    return resolve_base_model(policy.student.base_model)
+
+
+def ingest_tasks(policy: Policy, store: Store) -> dict[str, Any]:
+    """Read every non-expansion source into the store (idempotent by task key)."""
+    from selfdistill.tasks.sources import load_source
+
+    tasks, problems = [], []
+    for src in policy.tasks.sources:
+        if src.type == "expansion":
+            continue
+        got, probs = load_source(src)
+        tasks += got
+        problems += probs
+    for p in problems:
+        log(f"task source problem: {p}", logging.WARNING, problem=p)
+        store.event("task_problem", p, level="warning")
+    added, existing = store.add_tasks(tasks, policy.tasks.heldout_fraction, policy.tasks.audit_fraction)
+    return {"added": added, "existing": existing, "problems": len(problems)}
+
+
+def initialise(policy: Policy, prepare_model: bool = True) -> dict[str, Any]:
+    from selfdistill.service import check_state_dir_writable
+
+    check_state_dir_writable(policy.state_dir)
+    model = str(base_model_dir(policy, prepare=True)) if prepare_model else None
+    store = open_state(policy)
+    try:
+        counts = ingest_tasks(policy, store)
+        return {"model": model, "tasks": store.count_tasks(), **{f"ingest_{k}": v for k, v in counts.items()}}
+    finally:
+        store.close()
+
+
+def force_promote(policy: Policy, ckpt_id: str, reason: str) -> None:
+    from selfdistill import checkpoints
+
+    store = Store.open(policy.state_dir / DB_NAME)
+    try:
+        if store.checkpoint(ckpt_id) is None:
+            raise CheckpointError(f"no checkpoint {ckpt_id}; `selfdistill status` lists them")
+        checkpoints.promote(store, policy.state_dir, ckpt_id, f"forced: {reason}", kind="forced_promote")
+    finally:
+        store.close()
+
+
+def rollback(policy: Policy, to: str | None, reason: str) -> str:
+    from selfdistill import checkpoints
+
+    store = Store.open(policy.state_dir / DB_NAME)
+    try:
+        cur = store.current_checkpoint()["id"]
+        if to is None:
+            row = store.checkpoint(cur)
+            parent = row["parent_id"] if row else None
+            prow = store.checkpoint(parent) if parent else None
+            to = checkpoints.rollback_target(cur, parent, bool(prow) and prow["status"] in ("promoted", "base"), store.promoted_chain())
+        if store.checkpoint(to) is None:
+            raise CheckpointError(f"no checkpoint {to}; `selfdistill status` lists them")
+        checkpoints.rollback(store, policy.state_dir, to, reason)
+        return to
+    finally:
+        store.close()
+
+
+def export_current(policy: Policy, out: Path, merged: bool, checkpoint: str | None = None) -> Path:
+    from selfdistill.export import export_adapter, export_merged
+
+    store = Store.open(policy.state_dir / DB_NAME, readonly=True)
+    try:
+        ckpt = store.checkpoint(checkpoint) if checkpoint else store.current_checkpoint()
+        if ckpt is None:
+            raise CheckpointError(f"no checkpoint {checkpoint}; `selfdistill status` lists them")
+        if ckpt["id"] == "base":
+            raise CheckpointError("the base model is current: there is no adapter to export yet")
+        if merged:
+            return export_merged(base_model_dir(policy), Path(ckpt["path"]), out)
+        return export_adapter(Path(ckpt["path"]), out)
+    finally:
+        store.close()
+
+
+def export_training_data(policy: Policy, out: Path) -> list[Path]:
+    from selfdistill.pairs import export_jsonl, export_sft_jsonl
+    from selfdistill.records import PairRecord, SftRecord
+
+    store = Store.open(policy.state_dir / DB_NAME, readonly=True)
+    try:
+        last = store.execute("SELECT coalesce(max(id), 0) FROM rounds").fetchone()[0]
+        data = store.training_data(last, "all")
+    finally:
+        store.close()
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = [PairRecord(task_id=r["task_id"], prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"],
+                        margin=r["margin"], weight=r["weight"], source=r["source"]) for r in data["pairs"]]
+    sft = [SftRecord(task_id=r["task_id"], prompt=r["prompt"], completion=r["completion"], weight=r["weight"], source=r["source"]) for r in data["sft"]]
+    p1, p2 = out / "pairs.jsonl", out / "sft.jsonl"
+    export_jsonl(pairs, p1, policy.student.system_prompt)
+    export_sft_jsonl(sft, p2, policy.student.system_prompt)
+    return [p1, p2]

@@ -1,0 +1,255 @@
+"""The cycle in-process, fast: the transformers engine on the tiny model, a real store, the real
+training child. Each test drives `Cycle.run_round` through the path it is about; faults are
+injected by wrapping a phase (the faked part is the operator or the fault, never the cycle)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+from sd_testutil import TASKS, merged, tiny_policy_data, write_policy
+
+from selfdistill.checkpoints import checkpoint_path, read_current
+from selfdistill.config import load_policy
+from selfdistill.cycle import Cycle, RunState, StopRequested, Waiting
+from selfdistill.errors import EngineError
+from selfdistill.operations import ingest_tasks, open_state, rollback
+
+COLLECT = {"schedule": {"train_min_new_pairs": 10**6}}
+
+
+@pytest.fixture
+def make_cycle(tmp_path, tiny_model_dir):
+    made = []
+
+    def make(*overrides: dict, name: str = "p") -> Cycle:
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        policy = load_policy(write_policy(d / "p.toml", merged(tiny_policy_data(tiny_model_dir, "transformers"), *overrides)))
+        store = open_state(policy)
+        ingest_tasks(policy, store)
+        cyc = Cycle(policy, store, RunState())
+        made.append(cyc)
+        return cyc
+
+    yield make
+    for c in made:
+        c.close()
+        c.store.close()
+
+
+def _with(cyc: Cycle, phase: str, before=None, after=None) -> None:
+    """Wrap one phase of this cycle with something that happens just before or after it."""
+    real = getattr(cyc, f"phase_{phase}")
+
+    def wrapped(rnd, t0):
+        if before:
+            before(rnd)
+        real(rnd, t0)
+        if after:
+            after(rnd)
+
+    setattr(cyc, f"phase_{phase}", wrapped)
+
+
+def _policy_with(cyc: Cycle, **sections) -> None:
+    """A reload, as the daemon offers it: the new policy is adopted at the next round boundary."""
+    data = cyc.policy.model_dump(mode="json", exclude_unset=True)
+    cyc.offer_policy(type(cyc.policy).model_validate(merged(data, sections)))
+
+
+def test_a_collect_round_then_a_training_round_that_promotes(make_cycle):
+    cyc = make_cycle(COLLECT, {"engine": {"release_for_training": "restart"}})
+    r1 = cyc.run_round()
+    assert (r1.decision, r1.status, r1.phase) == ("collect", "done", "done")
+    _policy_with(cyc, schedule={"train_min_new_pairs": 0})  # swapped in at the round boundary
+    r2 = cyc.run_round()
+    assert r2.decision == "promote", r2.reasons
+    assert cyc.current_id() == r2.candidate_id == "ckpt-000001" == read_current(cyc.state_dir)
+    phases = [p["phase"] for p in cyc.store.phases(r2.id)]
+    assert phases == ["sample", "generate", "score", "pair", "train", "evaluate", "decide", "promote"]
+    # each round samples with its own seed (the same every time it is re-run), so a task asked
+    # again under an unchanged incumbent gets fresh answers
+    seeds = {r: {g["params"]["seed"] for g in cyc.store.generations(r)} for r in (1, 2)}
+    assert len(seeds[1]) == len(seeds[2]) == 1 and seeds[1] != seeds[2]
+
+
+def test_skipped_and_failed_training_rounds_bring_a_released_engine_back(make_cycle, monkeypatch):
+    monkeypatch.setenv("SELFDISTILL_TEST_TRAINING", "1:skip,2:fail")
+    cyc = make_cycle({"engine": {"release_for_training": "restart"}, "training": {"max_retries": 0}})
+    r1 = cyc.run_round()
+    assert r1.decision == "skip" and "test hook" in r1.reasons[0]
+    assert cyc.serving.released
+    r2 = cyc.run_round()  # generates on the engine the skipped round released
+    assert r2.decision == "fail" and r2.status == "failed" and "training failed" in r2.reasons[0]
+    _policy_with(cyc, **COLLECT)
+    r3 = cyc.run_round()
+    assert r3.decision == "collect" and len(cyc.store.generations(r3.id)) == 6 * 4
+    assert cyc.current_id() == "base"
+
+
+def test_a_rollback_during_a_round_supersedes_its_promotion(make_cycle):
+    cyc = make_cycle()
+    # a warm stop that arrives while round 1 trains still lets its candidate be evaluated and decided
+    _with(cyc, "train", after=lambda rnd: cyc.run.warm_stop.set())
+    with pytest.raises(StopRequested, match="signal"):
+        cyc.run_round()
+    r1 = cyc.store.get_round(1)
+    assert r1.decision == "promote" and r1.finished and cyc.current_id() == "ckpt-000001"
+    cyc.run.warm_stop.clear()
+    cyc.run.stop_reason = None
+    # round 2 decides to promote ckpt-000002 over ckpt-000001; the operator rolls back meanwhile
+    cyc2 = make_cycle(name="p")
+    _with(cyc2, "promote", before=lambda rnd: rollback(cyc2.policy, "base", "operator: bad answers in production"))
+    r2 = cyc2.run_round()
+    assert r2.incumbent_id == "ckpt-000001" and r2.decision == "superseded", r2
+    assert "ckpt-000001" in r2.reasons[0] and "base is current" in r2.reasons[0]
+    assert cyc2.current_id() == "base" == read_current(cyc2.state_dir)
+    assert cyc2.store.checkpoint("ckpt-000002")["status"] == "rejected"
+
+
+def test_a_candidate_that_vanishes_before_promotion_fails_its_round_only(make_cycle):
+    cyc = make_cycle()
+    _with(cyc, "promote", before=lambda rnd: shutil.rmtree(checkpoint_path(cyc.state_dir, rnd.candidate_id)))
+    r1 = cyc.run_round()
+    assert r1.decision == "fail" and "checkpoint directory is missing" in r1.reasons[0]
+    assert cyc.current_id() == "base" and cyc.store.checkpoint("ckpt-000001")["status"] == "failed"
+    _policy_with(cyc, **COLLECT)
+    assert cyc.run_round().decision == "collect"  # the next round runs: no crash loop
+
+
+def test_errors_evaluating_the_incumbent_retry_and_never_move_current(make_cycle):
+    cyc = make_cycle()
+    assert cyc.run_round().decision == "promote"
+    real = cyc.evaluate_checkpoint
+
+    def flaky(ckpt_id, round_id):
+        if ckpt_id == "ckpt-000001":
+            raise EngineError("http://teacher/v1: 503 Service Unavailable after 5 retries")
+        return real(ckpt_id, round_id)
+
+    cyc.evaluate_checkpoint = flaky
+    for _ in range(2):
+        with pytest.raises(Waiting, match="evaluate failed; retried"):
+            cyc.run_round()
+        assert cyc.store.get_round(2).phase == "evaluate"
+    r2 = cyc.run_round()
+    assert r2.decision == "fail" and "evaluate failed 3 times: " in r2.reasons[0] and "503" in r2.reasons[0]
+    assert cyc.current_id() == "ckpt-000001" == read_current(cyc.state_dir)
+    assert not [e for e in cyc.store.events() if e["kind"] in ("fallback", "incumbent_unloadable")]
+
+
+def test_an_incumbent_whose_adapter_is_gone_falls_back_to_the_base_in_one_step(make_cycle):
+    cyc = make_cycle()
+    assert cyc.run_round().decision == "promote"
+    (checkpoint_path(cyc.state_dir, "ckpt-000001") / "adapter_model.safetensors").unlink()
+    cyc2 = make_cycle(COLLECT, name="p")  # a restarted daemon: nothing is loaded in its engine
+    r2 = cyc2.run_round()
+    assert r2.decision == "collect" and r2.incumbent_id == "base"
+    assert {g["checkpoint_id"] for g in cyc2.store.generations(r2.id)} == {"base"}
+    assert cyc2.current_id() == "base" == read_current(cyc2.state_dir)
+    ev = [e for e in cyc2.store.events() if e["kind"] == "incumbent_unloadable"]
+    assert len(ev) == 1 and "adapter_model.safetensors: missing" in ev[0]["message"]
+
+
+def test_score_phase_writes_judge_health_with_its_scores_or_not_at_all(make_cycle):
+    cyc = make_cycle(COLLECT, {"scoring": {"self_judge": {"enabled": True, "anchor_size": 4}}, "engine": {"max_model_len": 1024}})
+    real = cyc.store.record_phase
+
+    def crash_at_score(rid, phase, *a, **kw):
+        if phase == "score":
+            raise KeyboardInterrupt("killed mid-commit")
+        return real(rid, phase, *a, **kw)
+
+    cyc.store.record_phase = crash_at_score
+    with pytest.raises(KeyboardInterrupt):
+        cyc.run_round()
+    assert cyc.store.query("SELECT count(*) AS n FROM judge_health")[0]["n"] == 0
+    assert cyc.store.query("SELECT count(*) AS n FROM scores")[0]["n"] == 0
+    cyc.store.record_phase = real
+    cyc.run_round()
+    assert cyc.store.query("SELECT count(*) AS n FROM judge_health")[0]["n"] == 1
+
+
+def test_expanded_tasks_are_written_with_the_sample_phase_or_not_at_all(make_cycle, monkeypatch):
+    from selfdistill.records import TaskIn
+    from selfdistill.tasks import expansion
+
+    asked = []
+
+    def fake_expand(engine, seeds, src, known, rng, **kw):  # the writer of new tasks is not under test
+        asked.append(1)
+        return expansion.ExpansionResult(tasks=[TaskIn(source="expansion:student", prompt=f"New task {len(asked)}: 2+2?", answer="4")],
+                                         asked=1, rejected={})
+
+    monkeypatch.setattr(expansion, "expand_tasks", fake_expand)
+    cyc = make_cycle(COLLECT, {"tasks": {"sources": [{"type": "jsonl", "path": str(TASKS)},
+                                                     {"type": "expansion", "by": "student"}]}})
+    before = sum(cyc.store.count_tasks().values())
+    real = cyc.store.record_phase
+    cyc.store.record_phase = lambda rid, phase, *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()) if phase == "sample" else real(rid, phase, *a, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        cyc.run_round()
+    assert sum(cyc.store.count_tasks().values()) == before and not cyc.store.events("expansion")
+    cyc.store.record_phase = real
+    cyc.run_round()
+    assert sum(cyc.store.count_tasks().values()) == before + 1 and len(cyc.store.events("expansion")) == 1
+
+
+def test_source_weights_shape_what_is_sampled(make_cycle, tmp_path):
+    import json
+
+    heavy, light = tmp_path / "heavy.jsonl", tmp_path / "light.jsonl"
+    for f, word in ((heavy, "heavy"), (light, "light")):
+        f.write_text("".join(json.dumps({"prompt": f"{word} item {i}: 1+{i}?", "answer": str(1 + i)}) + "\n" for i in range(40)))
+    cyc = make_cycle(COLLECT, {"tasks": {"sources": [{"type": "jsonl", "path": str(heavy), "weight": 1000.0},
+                                                     {"type": "jsonl", "path": str(light), "weight": 0.001}]}})
+    cyc.phase_sample(cyc.store.get_round(cyc.store.create_round("base")), time.time())
+    prompts = [t.prompt for t in cyc.store.round_tasks(1)]
+    assert len(prompts) == 6 and all(p.startswith("heavy") for p in prompts), prompts
+
+
+@pytest.mark.parametrize("stop_when_exhausted", [True, False])
+def test_running_out_of_tasks(make_cycle, stop_when_exhausted):
+    cyc = make_cycle(COLLECT, {"tasks": {"per_round": 1000, "curriculum": {"max_uses": 1}},
+                               "stopping": {"stop_when_tasks_exhausted": stop_when_exhausted}})
+    assert cyc.run_round().decision == "collect"  # every training task used once
+    if stop_when_exhausted:
+        with pytest.raises(StopRequested, match="tasks exhausted"):
+            cyc.run_round()
+        assert cyc.store.get_round(2).decision == "skip"
+    else:
+        for _ in range(2):
+            with pytest.raises(Waiting, match="no training task can be sampled"):
+                cyc.run_round()
+        assert [r.id for r in cyc.store.rounds()] == [1, 2] and cyc.store.get_round(2).phase == "sample"
+
+
+def test_idle_outside_the_windows_starts_no_round(make_cycle):
+    now = time.localtime()
+    start = f"{(now.tm_hour + 2) % 24:02d}:00"
+    end = f"{(now.tm_hour + 3) % 24:02d}:00"
+    cyc = make_cycle({"schedule": {"train_windows": [{"start": start, "end": end}], "outside_windows": "idle"}})
+    with pytest.raises(Waiting, match="outside the training windows"):
+        cyc.run_round()
+    assert cyc.store.rounds() == [] and cyc.serving._engine is None
+    collect = make_cycle({"schedule": {"train_windows": [{"start": start, "end": end}]}}, name="q")
+    r = collect.run_round()
+    assert r.decision == "collect" and r.reasons == ["outside the training windows"]
+
+
+def test_the_wall_clock_does_not_start_a_training_round_it_cannot_finish(make_cycle):
+    cyc = make_cycle({"stopping": {"max_wall_s": 600}})
+    rid = cyc.store.create_round("base")
+    now = time.time()
+    for phase, secs in (("train", 500), ("evaluate", 200), ("decide", 1)):
+        cyc.store.record_phase(rid, phase, now - secs, {}, "done")
+    with pytest.raises(StopRequested, match=r"wall clock: the next training round would take about 701s .* it starts on the next run"):
+        cyc.check_stop("train")
+    assert cyc.run.stop_is_policy
+    cyc.run.warm_stop.set()
+    cyc.check_stop("evaluate")  # a trained candidate is evaluated before any but an immediate stop
+    (cyc.state_dir / "STOP").write_text("now\n")
+    with pytest.raises(StopRequested):
+        cyc.check_stop("evaluate")
