@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Protocol
 
 from selfdistill.errors import CheckpointError
+from selfdistill.service import hold_for_test
 
 CHECKPOINTS = "checkpoints"
 CURRENT = "current"
@@ -251,6 +252,7 @@ def promote(store: PromotionStore, state_dir: str | os.PathLike[str], ckpt_id: s
         previous = store.commit_promotion(ckpt_id, reason, round_id=round_id, kind=kind, expected_current=expected_current)
         if also is not None:
             also()
+    hold_for_test("promote:committed")  # a kill here leaves the pointer behind: repaired at start-up
     switch_current(state_dir, ckpt_id)
     return Switch(previous=previous, current=ckpt_id)
 

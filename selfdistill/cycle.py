@@ -34,7 +34,7 @@ from selfdistill.config import Policy
 from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError
 from selfdistill.logs import log
 from selfdistill.records import Round, Task, chat_messages
-from selfdistill.service import sd_notify
+from selfdistill.service import sd_notify, hold_for_test
 from selfdistill.stopping import Progress, should_stop
 from selfdistill.store import Store
 
@@ -678,6 +678,7 @@ class Cycle:
         cand = rnd.candidate_id
         inc, _ = self.incumbent_adapter(rnd)
         inc_ev = self.evaluate_checkpoint(inc, rid)
+        hold_for_test("evaluate:between")
         try:
             cand_ev = self.evaluate_checkpoint(cand, rid)
         except (CheckpointError, ModelError) as e:

@@ -124,3 +124,17 @@ def watchdog_interval_s() -> float | None:
     if not usec or (pid and int(pid) != os.getpid()):
         return None
     return int(usec) / 2e6
+
+
+def hold_for_test(point: str) -> None:
+    """Test hook: SELFDISTILL_TEST_HOLD="promote:committed:5,..." sleeps `secs` at the named point
+    (a moment inside a step, not at a phase's start), so a kill can be aimed there."""
+    spec = os.environ.get("SELFDISTILL_TEST_HOLD")
+    if not spec:
+        return
+    import time
+
+    for part in spec.split(","):
+        name, _, secs = part.rpartition(":")
+        if name == point:
+            time.sleep(float(secs))
