@@ -18,6 +18,7 @@ engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) starts in a few seconds instead of twe
 from __future__ import annotations
 
 import gc
+import logging
 import itertools
 import os
 import shutil
@@ -59,6 +60,14 @@ class VLLMEngine:
         mode = cfg.release_for_training
         if mode == "auto":
             mode = "sleep" if current_platform.is_sleep_mode_available() else "restart"
+        elif mode == "sleep" and not current_platform.is_sleep_mode_available():
+            # vLLM refuses to start with sleep mode where it has none (its CPU build): a restart
+            # frees the same memory, which is what the setting asks for
+            from selfdistill.logs import log
+
+            log("vLLM has no sleep mode on this platform: the engine is released by a restart instead",
+                logging.WARNING, release_for_training="sleep")
+            mode = "restart"
         self.release_mode = mode
         serving = cfg.adapter_serving
         if serving == "auto":

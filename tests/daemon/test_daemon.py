@@ -53,37 +53,6 @@ def _consistent(policy):
     return cur[0][0]
 
 
-def test_two_rounds_in_burst_mode_with_vllm(tmp_path, tiny_model_dir, daemon_factory):
-    policy = tiny_policy(tmp_path, tiny_model_dir, engine="vllm", stopping="")
-    d = daemon_factory(policy, "--burst", "--max-rounds", "2")
-    assert d.wait(600) == 0, d.stderr_path.read_text()[-3000:]
-    rounds = _rounds(policy)
-    assert len(rounds) == 2
-    assert all(r["decision"] in ("promote", "reject", "skip") for r in rounds), rounds
-    assert all(r["status"] in ("done", "skipped") for r in rounds)
-    cur = _consistent(policy)
-    # provenance: every generation names the checkpoint that produced it and its sampling
-    assert _count(policy, "SELECT count(*) FROM generations WHERE purpose = 'train' AND round_id = 1") == 6 * 4
-    assert _count(policy, "SELECT count(*) FROM generations WHERE checkpoint_id IS NULL OR params = '{}'") == 0
-    assert _count(policy, "SELECT count(*) FROM scores s JOIN generations g ON g.id = s.generation_id") > 0
-    # at least one round trained and was evaluated against its incumbent on the same items
-    decided = [r for r in rounds if r["decision"] in ("promote", "reject")]
-    assert decided, rounds
-    assert _count(policy, "SELECT count(DISTINCT checkpoint_id) FROM evaluations WHERE suite = 'heldout'") >= 2
-    if any(r["decision"] == "promote" for r in rounds):
-        assert cur.startswith("ckpt-")
-    events = [json.loads(l)["event"] for l in d.stderr_path.read_text().splitlines() if l.startswith("{")]
-    assert "daemon started" in events and "stopped" in events
-    st = json.loads(subprocess.run([sys.executable, "-m", "selfdistill", "status", str(policy), "--json"],
-                                   capture_output=True, text=True, check=True).stdout)
-    assert [r["id"] for r in st["rounds"]] == [1, 2]
-    assert st["base_metrics"]["n"] == 8
-    assert st["stopped_reason"].startswith("--max-rounds")
-    # on CPU the engine served adapters as merged copies of the base; none outlives the daemon
-    merged = policy.parent / "state" / "cache" / "merged"
-    assert not (merged.is_dir() and list(merged.iterdir())), list(merged.iterdir())
-
-
 def test_sigterm_mid_generation_is_a_warm_stop_then_the_round_continues(tmp_path, tiny_model_dir, daemon_factory):
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
     d = daemon_factory(policy, "--max-rounds", "1", env={"SELFDISTILL_TEST_DELAY": "generate:30"})

@@ -203,3 +203,13 @@ def test_a_sharded_run_saves_the_gathered_adapter_not_the_local_shard(make_spec,
     saved = adapter_tensors(spec.output_dir)
     assert saved and all(torch.all(t == 0.5) for t in saved.values())
     assert hidden_leftovers(spec) == []
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+def test_a_stage_left_with_no_trainable_row_fails_with_the_reason(make_spec, algorithm):
+    # the char-level tiny model spends more than 16 tokens on the chat markup and system prompt
+    # alone: TRL keeps nothing to train on
+    result = run_round(make_spec("short", algorithm=algorithm, max_length=16))
+    assert result.status == "failed"
+    what = "SFT examples" if algorithm == "sft" else "pairs"
+    assert f"none of the 8 {what} is trainable within training.max_length = 16 tokens" in result.reason, result.reason
