@@ -75,7 +75,7 @@ for _p in (ROOT / "tests", ROOT / "tests" / "daemon"):  # daemon_helpers imports
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from daemon_helpers import DaemonProc, tiny_policy  # noqa: E402
+from daemon_helpers import DaemonProc, tiny_policy
 
 # Columns that a later phase legitimately updates in place; everything else in a row is frozen
 # once committed.
@@ -115,8 +115,7 @@ def snapshot(db: Path) -> dict[str, dict]:
             cur = {}
             for r in rows:
                 d = dict(r)
-                key = {"round_tasks": lambda: (d["round_id"], d["task_id"]), "eval_items": lambda: (d["evaluation_id"], d["task_id"]),
-                       "meta": lambda: d["key"]}.get(t, lambda: d["id"])()
+                key = _row_key(t, d)
                 frozen = {k: v for k, v in d.items() if k not in MUTABLE.get(t, set())}
                 cur[key] = (hashlib.sha1(json.dumps(frozen, sort_keys=True, default=str).encode()).hexdigest(), d)
             snap[t] = cur
@@ -127,6 +126,14 @@ def snapshot(db: Path) -> dict[str, dict]:
         return snap
     finally:
         con.close()
+
+
+def _row_key(table: str, d: dict):
+    if table == "round_tasks":
+        return (d["round_id"], d["task_id"])
+    if table == "eval_items":
+        return (d["evaluation_id"], d["task_id"])
+    return d["key"] if table == "meta" else d["id"]
 
 
 def _rewritable(table: str, row: dict, before: dict, gens: dict) -> bool:
@@ -272,7 +279,7 @@ def landing(snap: dict | None, state: Path, recs: list[dict]) -> tuple[str, dict
 
 def training_orphans(work: Path) -> list[int]:
     """Training children of a daemon under `work` that are still alive."""
-    out = subprocess.run(["pgrep", "-f", "selfdistill.training"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(["pgrep", "-f", "selfdistill.training"], capture_output=True, text=True, check=False).stdout.split()
     pids = []
     for p in out:
         try:
@@ -679,9 +686,12 @@ def main() -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="selfdistill-torture-"))
     work = work.resolve()
     tag = f"[{a.tag}] " if a.tag else ""
-    say = lambda m: print(f"{tag}{m}", file=sys.stderr, flush=True)  # noqa: E731
-    opts = dict(rounds=a.rounds, max_wait_s=a.max_wait, release=a.release, grow_rounds=not a.no_grow,
-                cover=not a.no_cover, reap_orphans=not a.keep_orphans, say=say)
+
+    def say(m: str) -> None:
+        print(f"{tag}{m}", file=sys.stderr, flush=True)
+
+    opts = {"rounds": a.rounds, "max_wait_s": a.max_wait, "release": a.release, "grow_rounds": not a.no_grow,
+            "cover": not a.no_cover, "reap_orphans": not a.keep_orphans, "say": say}
     if a.json_out is not None:  # a worker of a --parallel run
         res = torture(work, a.model, kills=a.kills, seed=a.seed, kill_log=work / "kills.jsonl", **opts)
         a.json_out.write_text(json.dumps(res, indent=1, default=str))

@@ -8,9 +8,10 @@ import os
 import signal
 import sqlite3
 import time
+import tomllib
 
 import pytest
-from sd_testutil import scrape_metrics
+from sd_testutil import run_cli, scrape_metrics, write_policy
 
 from selfdistill.checkpoints import read_current
 
@@ -145,14 +146,18 @@ def test_lock_refuses_a_second_daemon(tmp_path, tiny_model_dir, daemon_factory):
     policy.write_text(good + "\n[bogus]\n")
     d.signal(signal.SIGHUP)
     d.wait_for(lambda r: r.get("event", "").startswith("reload refused"))
-    # and with a valid one: applied
-    policy.write_text(good.replace("max_tokens = 12\n[pairs]", "max_tokens = 10\n[pairs]"))
+    # and with a valid one: applied (at the next round boundary), leaf by leaf
+    data = tomllib.loads(good)
+    data["generation"]["max_tokens"] = 10
+    write_policy(policy, data)
     d.signal(signal.SIGHUP)
     rec = d.wait_for(lambda r: r.get("event") == "policy reloaded")
-    assert "generation" in rec["applied"]
-    policy.write_text(good.replace('name = "tiny"', 'name = "tiny"').replace("r = 8,", "r = 4,"))
+    assert rec["applied"] == ["generation.max_tokens"]
+    data["student"]["lora"]["r"] = 4
+    write_policy(policy, data)
     d.signal(signal.SIGHUP)
-    d.wait_for(lambda r: r.get("event", "").startswith("reload: some changes need a restart"))
+    rec = d.wait_for(lambda r: r.get("event", "").startswith("reload: some changes need a restart"))
+    assert rec["refused"] == ["student.lora.r"]
     assert d.proc.poll() is None
     d.signal(signal.SIGTERM)
     assert d.wait(120) == 0
@@ -176,7 +181,7 @@ def test_stopping_policies_end_the_run_with_their_reason(tmp_path, tiny_model_di
 
 def test_stop_file_and_tasks_exhausted(tmp_path, tiny_model_dir, daemon_factory):
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
-    (tmp_path / "state").mkdir(mode=0o700)
+    assert run_cli("init", str(policy), cwd=tmp_path).returncode == 0
     (tmp_path / "state" / "STOP").write_text("")
     d = daemon_factory(policy)
     assert d.wait(120) == 10
@@ -212,3 +217,58 @@ def test_progress_counts_regressions_plateaus_and_only_finished_rounds(tmp_path)
     reason, by_policy = cyc.stop_reason()
     assert reason.startswith("regressions: 2") and by_policy
     store.close()
+
+
+def test_the_watchdog_is_fed_while_the_cycle_beats_and_withheld_when_it_is_wedged(tmp_path, tiny_model_dir, daemon_factory):
+    import socket
+    import threading
+
+    sock_path = tmp_path / "notify.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(sock_path))
+    srv.settimeout(0.5)
+    got: list[tuple[float, str]] = []
+    done = threading.Event()
+
+    def listen():
+        while not done.is_set():
+            try:
+                got.append((time.monotonic(), srv.recv(4096).decode()))
+            except socket.timeout:
+                pass
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="")
+    d = daemon_factory(policy, "--max-rounds", "1",
+                       env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000", "SELFDISTILL_TEST_WEDGE": "score:8"})
+    try:
+        assert d.wait(600) == 0, d.stderr_path.read_text()[-3000:]
+    finally:
+        done.set()
+        t.join()
+        srv.close()
+    msgs = [m for _, m in got]
+    assert "READY=1" in msgs and any(m.startswith("STATUS=round 1: train") for m in msgs)
+    pings = [ts for ts, m in got if m == "WATCHDOG=1"]
+    wedge_start = next(ts for ts, m in got if m == "STATUS=round 1: generate")  # the wedge follows generate
+    train_start = next(ts for ts, m in got if m.startswith("STATUS=round 1: train"))
+    gaps = [(b - a, a) for a, b in zip(pings, pings[1:])]
+    # withheld during the 8 s wedge (beyond one 2 s watchdog period) ...
+    assert any(g > 5 and wedge_start - 1 <= a <= wedge_start + 3 for g, a in gaps), gaps
+    # ... and fed every second otherwise, through the training child's minutes included
+    assert all(g < 2.5 for g, a in gaps if a > train_start), gaps
+    assert sum(1 for ts in pings if ts > train_start) >= 2
+    assert "withholding the ping" in d.stderr_path.read_text()
+
+
+def test_an_interval_trigger_trains_when_it_fires_and_not_before(tmp_path, tiny_model_dir, daemon_factory):
+    policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="",
+                         extra="[schedule]\ntrain_interval_s = 6\ntrain_min_new_pairs = 0")
+    d = daemon_factory(policy, "--max-rounds", "1")
+    assert d.wait(600) == 0, d.stderr_path.read_text()[-3000:]
+    rounds = _rounds(policy)
+    assert len(rounds) >= 2, rounds
+    assert all(r["decision"] == "collect" and "waiting for the training schedule" in r["reasons"] for r in rounds[:-1])
+    assert rounds[-1]["decision"] in ("promote", "reject")
+    assert "training requested by the schedule" in d.stderr_path.read_text()
