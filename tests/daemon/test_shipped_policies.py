@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 POLICIES = sorted((ROOT / "policies").glob("*.toml"))
 TEACHER_POLICIES = {"teacher-openai.toml"}
+README_COMMANDS_ON = "jsonl-verifier.toml"  # the README's command table runs on this one's state
 
 # What is changed in a shipped policy to run it here, and nothing else. Sizes shrink; the model
 # becomes the tiny local one; CPU-only knobs replace GPU ones where a GPU setting cannot run or
@@ -143,3 +144,39 @@ def test_shipped_policy_runs_its_own_settings(policy_file, tmp_path, tiny_model_
     # on CPU vLLM served adapters as merged copies of the base; none outlives the daemon
     merged_dir = tmp_path / "state" / "cache" / "merged"
     assert not (merged_dir.is_dir() and list(merged_dir.iterdir())), list(merged_dir.iterdir())
+    if policy_file.name == README_COMMANDS_ON:
+        run_readme_commands(policy, tmp_path, env)
+
+
+def readme_commands() -> list[str]:
+    """The lines of the README's command table, as written there."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Commands", 1)[1].split("```", 2)[1]
+    return [line.split("  ")[0].strip() for line in block.splitlines() if line.startswith("selfdistill ")]
+
+
+def expand(cmd: str) -> list[list[str]]:
+    """A README line -> the argument lists to run: its plain form, and once with each [option]."""
+    import re
+
+    opts = re.findall(r"\[([^\]]+)\]", cmd)
+    base = re.sub(r"\s*\[[^\]]+\]", "", cmd).split()[1:]
+    return [base] + [base + o.split() for o in opts]
+
+
+def run_readme_commands(policy: Path, tmp: Path, env: dict) -> None:
+    values = {"POLICY": str(policy), "POLICY...": str(policy), "ID": "ckpt-000001", "R": "the README says so",
+              "NAME": "rounds", "N": "1"}
+    ran = []
+    # the table is a reference, not a script: roll back last, so export has an adapter to export
+    for line in sorted(readme_commands(), key=lambda c: c.split()[1] == "rollback"):
+        if line.split()[1] in ("init", "run"):
+            continue  # run above, as written, on this state
+        for i, args in enumerate(expand(line)):
+            argv = [str(tmp / f"out-{len(ran)}") if a == "OUT" else values.get(a, a) for a in args]
+            if argv[:1] == ["rollback"] and "--to" in argv:
+                argv[argv.index("--to") + 1] = "base"
+            res = run_cli(*argv, cwd=tmp, env=env)
+            assert res.returncode == 0, f"README command {line!r} as {argv}: {res.stderr[-1500:]}"
+            ran.append(argv[0])
+    assert {"check", "status", "rounds", "promote", "rollback", "export", "report", "queries", "data", "models"} <= set(ran)
