@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 POLICY ?= policies/cpu-demo.toml
 
-.PHONY: setup demo test test-fast lock clean-state check-policies
+.PHONY: setup demo test test-fast lint lock clean-state check-policies
 
 setup: $(VENV)/.setup-done
 
@@ -31,7 +31,10 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/selfdistill run $(POLICY) --progress --human 2>demo.log || [ $$? -eq 10 ]
 	$(BIN)/selfdistill report $(POLICY)
 
-test: setup
+lint: setup
+	$(BIN)/ruff check selfdistill tests benchmarks
+
+test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 test-fast: setup

@@ -181,10 +181,10 @@ class Evaluator:
 
     def correct(self, tasks: Sequence[Task], adapter_dir: Path | None = None) -> list[bool]:
         """Per-task greedy correctness of the base (adapter_dir None) or an adapter."""
+        from selfdistill.config import ScoringConfig
         from selfdistill.engines.base import AdapterRef
         from selfdistill.evaluation import evaluate_heldout
         from selfdistill.scoring.verifiers import resolve_verifier
-        from selfdistill.config import ScoringConfig
 
         name = None
         if adapter_dir is not None:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from selfdistill.config import parse_policy
 from selfdistill.cycle import Cycle, RunState
-from selfdistill.operations import ingest_tasks, open_state
 from selfdistill.engines.base import Completion
+from selfdistill.operations import ingest_tasks, open_state
 from selfdistill.store import DB_NAME, Store, canned_queries
 
 

@@ -154,7 +154,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"base accuracy    {_acc(st['base_metrics'])}")
     print(f"current accuracy {_acc(st['current_metrics'])}")
     print(f"tasks            {', '.join(f'{k} {v}' for k, v in sorted(st['tasks'].items())) or 'none'}")
-    print(f"rounds           {len(st['rounds'])}" + (f"  (last: #{st['rounds'][-1]['id']} {st['rounds'][-1]['phase']} {st['rounds'][-1]['decision'] or ''})" if st["rounds"] else ""))
+    last = st["rounds"][-1] if st["rounds"] else None
+    print(f"rounds           {len(st['rounds'])}" + (f"  (last: #{last['id']} {last['phase']} {last['decision'] or ''})" if last else ""))
     if st["stopped_reason"]:
         print(f"stopped          {st['stopped_reason']}")
     return 0
@@ -259,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    sp = sub.add_parser("check", help="validate policy files without loading anything heavy", description="Validate policy files; print every problem at once. Exit 0 if all are valid, 2 otherwise.")
+    sp = sub.add_parser("check", help="validate policy files without loading anything heavy",
+                        description="Validate policy files; print every problem at once. Exit 0 if all are valid, 2 otherwise.")
     sp.add_argument("policy", nargs="*", help="policy files (TOML)")
     sp.add_argument("--schema", action="store_true", help="print every policy key with its type and help")
     sp.set_defaults(func=cmd_check)
@@ -299,14 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="training data commands", description="Training data commands.")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND", help="what to do with the training data")
-    sp = dsub.add_parser("export", help="write pairs and SFT examples as JSONL in TRL's formats", description="Write pairs (prompt/chosen/rejected) and SFT examples (messages) as JSONL, held-out tasks excluded.")
+    sp = dsub.add_parser("export", help="write pairs and SFT examples as JSONL in TRL's formats",
+                         description="Write pairs (prompt/chosen/rejected) and SFT examples (messages) as JSONL, held-out tasks excluded.")
     sp.add_argument("policy", help="policy file (TOML)")
     sp.add_argument("out", help="output directory")
     sp.set_defaults(func=cmd_data_export)
 
     models = sub.add_parser("models", help="local model commands", description="Local model commands.")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND", help="what to do with local models")
-    sp = msub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face directory (once)", description="Convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face directory, once; a no-op when already prepared.")
+    sp = msub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face directory (once)",
+                         description="Convert the bundled SmolLM2-135M-Instruct GGUF into a Hugging Face directory, once; "
+                         "a no-op when already prepared.")
     sp.add_argument("--cache-dir", default=None, help="where to put it (default $SELFDISTILL_CACHE or ~/.cache/selfdistill)")
     sp.add_argument("--force", action="store_true", help="convert again even if prepared")
     sp.set_defaults(func=cmd_models_prepare)

@@ -141,7 +141,8 @@ class ReasoningGymSource(_Model):
     type: Literal["reasoning_gym"] = Field(..., description="A procedural reasoning-gym dataset, scored by its own verifier.")
     dataset: str = Field(..., description="reasoning-gym dataset name, e.g. 'chain_sum'.")
     config: dict[str, Any] = Field(default_factory=dict, description="Keyword config for the dataset.")
-    seed: int = Field(0, description="Seed of the procedural generator. reasoning-gym seeds item i with seed + i, so sources whose seeds are closer than their sizes share items (harmless: tasks are keyed by question text).")
+    seed: int = Field(0, description="Seed of the procedural generator. reasoning-gym seeds item i with seed + i, so sources "
+                      "whose seeds are closer than their sizes share items (harmless: tasks are keyed by question text).")
     size: int = Field(1000, ge=1, description="Items drawn from the generator.")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
 
@@ -368,7 +369,8 @@ class ScheduleConfig(_Model):
 
 
 class StoppingConfig(_Model):
-    max_rounds: int | None = Field(None, ge=1, description="Stop once this many rounds have been decided in this state directory (across restarts; `run --max-rounds` counts one run).")
+    max_rounds: int | None = Field(None, ge=1, description="Stop once this many rounds have been decided in this state "
+                                    "directory (across restarts; `run --max-rounds` counts one run).")
     max_wall_s: float | None = Field(None, gt=0, description="Stop after this much wall-clock time in this run.")
     max_generated_tokens: int | None = Field(None, ge=1, description="Stop when generations have used this many tokens in total.")
     target_accuracy: float | None = Field(None, gt=0, le=1, description="Stop when the incumbent's held-out accuracy reaches this.")

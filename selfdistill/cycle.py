@@ -34,7 +34,7 @@ from selfdistill.config import Policy
 from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError
 from selfdistill.logs import log
 from selfdistill.records import Round, Task, chat_messages
-from selfdistill.service import sd_notify, hold_for_test
+from selfdistill.service import hold_for_test, sd_notify
 from selfdistill.stopping import Progress, should_stop
 from selfdistill.store import Store
 

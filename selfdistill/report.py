@@ -56,7 +56,8 @@ def _plots(d: dict[str, Any]) -> dict[str, str]:
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label, color=color)
         for r in trained:
             if r["decision"] == "promote":
-                ax.annotate("promoted", (r["id"] + 0.06, r["metrics"].get("candidate_accuracy") or 0), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+                ax.annotate("promoted", (r["id"] + 0.06, r["metrics"].get("candidate_accuracy") or 0),
+                            textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
         ids = [r["id"] for r in trained]
         ax.set_xlim(min(ids) - 0.5, max(ids) + 0.5)
         ax.set_xticks(ids)
@@ -172,7 +173,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}} pre{{white-spa
 <p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')}. Current checkpoint: <b>{e(cur)}</b>.
 Base held-out accuracy {acc(base)}; current {acc(now)}. Correct means the verifier's full score (partial credit counts as wrong).</p>
 {imgs}
-<h2>Rounds</h2><table><tr><th>round</th><th>phase</th><th>decision</th><th>incumbent</th><th>candidate</th><th>inc. acc</th><th>cand. acc</th><th>p</th><th>reasons</th></tr>{rows}</table>
+<h2>Rounds</h2><table><tr><th>round</th><th>phase</th><th>decision</th><th>incumbent</th><th>candidate</th>
+<th>inc. acc</th><th>cand. acc</th><th>p</th><th>reasons</th></tr>{rows}</table>
 <h2>Sample answers (same held-out items)</h2><table><tr><th>question</th><th>reference</th><th>base</th><th>current ({e(cur)})</th></tr>{sample_rows}</table>
 </body></html>""")
     return out
@@ -222,7 +224,8 @@ def print_summary(policy, store: Store) -> None:
     for r in rows:
         ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         gain = f"{r['gain_vs_base']:+.3f}" if "gain_vs_base" in r else "-"
-        print(f"{r['checkpoint']:14} {str(r['round']):>5} {r['accuracy']:12.3f} {ci:>17} {r['n']:5} {_p(r.get('p_value')):>9} {gain:>12} {_p(r.get('p_vs_base')):>9}")
+        print(f"{r['checkpoint']:14} {str(r['round']):>5} {r['accuracy']:12.3f} {ci:>17} {r['n']:5} "
+              f"{_p(r.get('p_value')):>9} {gain:>12} {_p(r.get('p_vs_base')):>9}")
     totals: dict[str, float] = {}
     for p in store.phases():
         totals[p["phase"]] = totals.get(p["phase"], 0.0) + (p["duration_s"] or 0.0)

@@ -464,9 +464,11 @@ class Store:
     def mark_data_used(self, round_id: int, sft_ids: list[int], pair_ids: list[int]) -> None:
         with self.transaction():
             if sft_ids:
-                self.execute(f"UPDATE sft_examples SET used_in_round = ? WHERE used_in_round IS NULL AND id IN ({','.join('?' * len(sft_ids))})", (round_id, *sft_ids))
+                self.execute(f"UPDATE sft_examples SET used_in_round = ? WHERE used_in_round IS NULL "
+                             f"AND id IN ({','.join('?' * len(sft_ids))})", (round_id, *sft_ids))
             if pair_ids:
-                self.execute(f"UPDATE pairs SET used_in_round = ? WHERE used_in_round IS NULL AND id IN ({','.join('?' * len(pair_ids))})", (round_id, *pair_ids))
+                self.execute(f"UPDATE pairs SET used_in_round = ? WHERE used_in_round IS NULL "
+                             f"AND id IN ({','.join('?' * len(pair_ids))})", (round_id, *pair_ids))
 
     def count_new_training_data(self) -> int:
         """Pairs + examples not yet used by any training round."""

@@ -7,10 +7,9 @@ import os
 import stat
 
 import pytest
+from sd_testutil import ROOT, run_cli
 
 from selfdistill.cli import build_parser
-
-from sd_testutil import ROOT, run_cli
 
 
 def _commands(parser, prefix=()):

@@ -7,12 +7,11 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 from pydantic import BaseModel
+from sd_testutil import ROOT, run_cli
 
 from selfdistill.config import Policy, SourceConfig, field_help, load_policy, parse_policy, reload_plan
 from selfdistill.errors import PolicyError
 from selfdistill.gates import gate_can_pass
-
-from sd_testutil import ROOT, run_cli
 
 SHIPPED = sorted((ROOT / "policies").glob("*.toml"))
 MIN = {"tasks": {"sources": [{"type": "reasoning_gym", "dataset": "chain_sum"}]}}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfdistill.config import GateConfig, JsonlSource, Policy, TasksConfig, EvaluationConfig
+from selfdistill.config import EvaluationConfig, GateConfig, JsonlSource, Policy, TasksConfig
 from selfdistill.gates import EvalMetrics, SanityStats, decide, gate_can_pass
 
 SANE = SanityStats(empty_fraction=0.0, repetition=0.05, mean_length=40.0)

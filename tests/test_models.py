@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from selfdistill.models import BUNDLED_DIRNAME, build_tiny_model, is_model_dir, prepare_bundled, resolve_base_model
-
 from sd_testutil import run_cli
+
+from selfdistill.models import BUNDLED_DIRNAME, build_tiny_model, is_model_dir, prepare_bundled, resolve_base_model
 
 
 def test_bundled_student_is_prepared_once_and_speaks(bundled_model_dir):

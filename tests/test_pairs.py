@@ -8,7 +8,12 @@ import pytest
 
 from selfdistill.config import PairsConfig
 from selfdistill.pairs import (
-    build_pairs, build_sft, candidate_from, export_jsonl, export_sft_jsonl, similarity,
+    build_pairs,
+    build_sft,
+    candidate_from,
+    export_jsonl,
+    export_sft_jsonl,
+    similarity,
 )
 from selfdistill.records import Candidate
 

@@ -12,9 +12,8 @@ from typing import Sequence
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
 from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all
-from selfdistill.models import check_model_dir
 from selfdistill.errors import EngineError
-from selfdistill.models import offline_env
+from selfdistill.models import check_model_dir, offline_env
 
 
 class TransformersEngine:
@@ -136,7 +135,8 @@ class TransformersEngine:
         full = [h + self.tokenizer(c, add_special_tokens=False)["input_ids"] for h, c in zip(heads, completions)]
         for i, f in enumerate(full):
             if len(f) > self.max_model_len:
-                raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is {self.max_model_len}: shorten it or raise engine.max_model_len")
+                raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is "
+                                  f"{self.max_model_len}: shorten it or raise engine.max_model_len")
         res: list[tuple[float, int]] = []
         bs = self.cfg.batch_size
         with self._with_adapter(adapter), torch.inference_mode():

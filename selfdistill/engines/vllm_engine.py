@@ -18,8 +18,8 @@ engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) starts in a few seconds instead of twe
 from __future__ import annotations
 
 import gc
-import logging
 import itertools
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,8 +28,8 @@ from typing import Sequence
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
 from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all
-from selfdistill.models import check_model_dir
 from selfdistill.errors import EngineError
+from selfdistill.models import check_model_dir
 
 # One counter for the whole process: vLLM serves stale weights when an int id is reused for a
 # new path, even across engines sharing a process-wide LoRA cache.
@@ -177,7 +177,8 @@ class VLLMEngine:
         full = [h + t for h, t in zip(heads, tails)]
         for i, f in enumerate(full):
             if len(f) + 1 > self.max_model_len:
-                raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is {self.max_model_len}: shorten it or raise engine.max_model_len")
+                raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is "
+                                  f"{self.max_model_len}: shorten it or raise engine.max_model_len")
         sp = VSP(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         outs = llm.generate([{"prompt_token_ids": f} for f in full], sp, lora_request=lora, use_tqdm=False)
         res = []

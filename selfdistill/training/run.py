@@ -41,7 +41,7 @@ from typing import Any
 from selfdistill.errors import TrainingError
 from selfdistill.records import chat_messages
 from selfdistill.training.guards import Guard
-from selfdistill.training.spec import read_round_data, RoundSpec, TrainingResult, write_json_atomic
+from selfdistill.training.spec import RoundSpec, TrainingResult, read_round_data, write_json_atomic
 
 INJECT_NAN_ENV = "SELFDISTILL_INJECT_NAN"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

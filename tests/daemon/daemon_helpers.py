@@ -14,7 +14,6 @@ import pytest
 from sd_testutil import merged, tiny_policy_data, write_policy
 
 
-
 def tiny_policy(tmp: Path, model_dir: Path, *, engine: str = "vllm", extra: str = "", stopping: str = "max_rounds = 2",
                 gates: str = 'test = "none"\nmin_gain = -1.0', name: str = "p.toml") -> Path:
     """A policy file on the tiny model (sd_testutil.tiny_policy_data), with TOML snippets merged in."""

@@ -11,11 +11,10 @@ import time
 import tomllib
 
 import pytest
+from daemon_helpers import tiny_policy
 from sd_testutil import run_cli, scrape_metrics, write_policy
 
 from selfdistill.checkpoints import read_current
-
-from daemon_helpers import tiny_policy
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import pytest
 from selfdistill.checkpoints import checkpoint_path, read_current, switch_current
 from selfdistill.config import load_policy
 from selfdistill.cycle import Cycle, RunState
-from selfdistill.operations import open_state, rollback
 from selfdistill.engines.base import SamplingParams
+from selfdistill.operations import open_state, rollback
 from selfdistill.records import chat_messages
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ import sys
 import time
 
 import pytest
+from fake_openai import FakeOpenAI
 
 from selfdistill.config import OpenAIEndpoint
 from selfdistill.engines.base import AdapterRef, SamplingParams
 from selfdistill.errors import EngineError
-from fake_openai import FakeOpenAI
 
 KEY = "sk-test-SECRET-4f1c9a"
 CHAT = [{"role": "user", "content": "hi"}]

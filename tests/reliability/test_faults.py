@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_helpers import tiny_policy
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,6 @@ The long run is `benchmarks/load.py` (results in benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import pytest
-
 from load import load
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,14 @@ from selfdistill.engines.base import Completion, SamplingParams
 from selfdistill.pairs import build_pairs, candidate_from
 from selfdistill.records import Candidate, Task
 from selfdistill.scoring.judges import (
-    judge_pairwise, judge_pointwise, pairwise_prompt, parse_score, parse_verdict, pointwise_prompt,
-    teacher_label, teacher_revise,
+    judge_pairwise,
+    judge_pointwise,
+    pairwise_prompt,
+    parse_score,
+    parse_verdict,
+    pointwise_prompt,
+    teacher_label,
+    teacher_revise,
 )
 from selfdistill.scoring.verifiers import verify
 from selfdistill.tasks.sources import iter_source

@@ -5,7 +5,12 @@ import pytest
 from selfdistill.config import ReasoningGymSource, ScoringConfig
 from selfdistill.records import Task
 from selfdistill.scoring.verifiers import (
-    VerifierError, extract_answer, get_verifier, register_verifier, resolve_verifier, verify,
+    VerifierError,
+    extract_answer,
+    get_verifier,
+    register_verifier,
+    resolve_verifier,
+    verify,
 )
 from selfdistill.tasks.sources import iter_source
 
