@@ -75,7 +75,7 @@ for _p in (ROOT / "tests", ROOT / "tests" / "daemon"):  # daemon_helpers imports
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from daemon_helpers import DaemonProc, tiny_policy
+from daemon_helpers import DaemonProc, tiny_policy  # noqa: E402  (after the sys.path set-up above)
 
 # Columns that a later phase legitimately updates in place; everything else in a row is frozen
 # once committed.
