@@ -377,7 +377,8 @@ class StoppingConfig(_Model):
     plateau_rounds: int | None = Field(None, ge=1, description="Stop after this many rejected rounds in a row.")
     max_regressions: int | None = Field(None, ge=1, description="Stop after this many rounds whose candidate did worse than the incumbent.")
     stop_when_tasks_exhausted: bool = Field(True, description="Stop when no training task can be sampled any more.")
-    stop_file: str = Field("STOP", description="A file of this name in the state directory stops the daemon.")
+    stop_file: str = Field("STOP", description="A file of this name in the state directory stops the daemon (a trained candidate is still "
+                           "evaluated first, unless the file's first word is `now`).")
 
 
 class RetentionConfig(_Model):
