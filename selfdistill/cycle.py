@@ -147,7 +147,7 @@ class Cycle:
         return chat_messages(self.prompt_text(task), self.policy.student.system_prompt)
 
     def current_id(self) -> str:
-        return self.store.current_checkpoint()["id"]
+        return self.store.current_checkpoint().id
 
     def say(self, round_id: int | None, phase: str, **fields: Any) -> None:
         log(f"round {round_id} {phase}", round=round_id, phase=phase, **fields)
@@ -208,7 +208,7 @@ class Cycle:
             decided_rounds=sum(1 for r in rounds if r.decided),
             wall_s=time.time() - self.run.started,
             generated_tokens=self.store.total_generated_tokens(),
-            incumbent_accuracy=cur_eval["metrics"].get("accuracy") if cur_eval else None,
+            incumbent_accuracy=cur_eval.metrics.get("accuracy") if cur_eval else None,
             decisions=[r.decision for r in trained],
             regressions=regress,
             tasks_exhausted=tasks_exhausted,
@@ -553,7 +553,7 @@ class Cycle:
         out_dir = new_checkpoint_dir(self.state_dir, ckpt_id)
         work = self.state_dir / "tmp" / f"round-{rid}-attempt-{attempt}"
         work.mkdir(parents=True, exist_ok=True)
-        data_path = write_round_data(work / "data.jsonl", data["sft"], data["pairs"])
+        data_path = write_round_data(work / "data.jsonl", data.sft, data.pairs)
         incumbent = rnd.incumbent_id
         spec = RoundSpec(
             round_id=rid, attempt=attempt, base_model_dir=str(self.model_dir),
@@ -563,7 +563,7 @@ class Cycle:
             result_path=str(work / "result.json"), threads=tr.threads, seed=tr.seed + attempt - 1,
             hf_home=str(self.state_dir / "cache" / "hf"),
         )
-        counts = {"sft": len(data["sft"]), "pairs": len(data["pairs"])}
+        counts = {"sft": len(data.sft), "pairs": len(data.pairs)}
         self._training_run_id = self.store.start_training_run(rid, attempt, {**counts, "output": str(out_dir)})
         self.say(rid, "train", attempt=attempt, candidate=ckpt_id, **counts)
         self.serving.release("training")  # the engine comes back by itself at its next use
@@ -581,8 +581,8 @@ class Cycle:
             with self.store.transaction():
                 self.store.add_checkpoint(ckpt_id, incumbent, rid, str(out_dir),
                                           {**counts, "metrics": result.metrics,
-                                           "sft_ids": [r["id"] for r in data["sft"]], "pair_ids": [r["id"] for r in data["pairs"]]})
-                self.store.mark_data_used(rid, [r["id"] for r in data["sft"]], [r["id"] for r in data["pairs"]])
+                                           "sft_ids": [r.id for r in data.sft], "pair_ids": [r.id for r in data.pairs]})
+                self.store.mark_data_used(rid, [r.id for r in data.sft], [r.id for r in data.pairs])
                 self.store.update_round(rid, candidate_id=ckpt_id)
                 self.store.merge_round_metrics(rid, {"training": result.metrics})
                 self.store.record_phase(rid, "train", t0, {**counts, **_numeric(result.metrics)}, "evaluate")
@@ -651,15 +651,20 @@ class Cycle:
         self.store.set_meta(key, json.dumps(refs))
         return refs
 
-    def incumbent_adapter(self, rnd: Round) -> tuple[str, str | None]:
-        """The round's incumbent and its adapter name in the engine. An incumbent whose adapter
-        truly cannot be served (gone, damaged, for another base) is replaced by the base: the
-        switch, the round's new incumbent and the reason are one transaction. Any other error
-        propagates (the phase is retried) and leaves `current` alone."""
+    def incumbent_adapter(self, rnd: Round, load: bool = True) -> tuple[str, str | None]:
+        """The round's incumbent and its adapter name in the engine (`load=False`: only check that
+        it can be served). An incumbent whose adapter truly cannot be served (gone, damaged, for
+        another base) is replaced by the base: the switch, the round's new incumbent and the
+        reason are one transaction. Any other error propagates (the phase is retried) and leaves
+        `current` alone."""
         from selfdistill import checkpoints
 
         inc = rnd.incumbent_id
         try:
+            if not load:
+                if inc != "base":
+                    checkpoints.servable_adapter_dir(self.state_dir, inc)
+                return inc, None
             return inc, self.serving.adapter_for(inc)
         except (CheckpointError, ModelError) as e:
             why = f"incumbent {inc} cannot be served ({e}); the base is served instead"
@@ -676,7 +681,7 @@ class Cycle:
     def phase_evaluate(self, rnd: Round, t0: float) -> None:
         rid = rnd.id
         cand = rnd.candidate_id
-        inc, _ = self.incumbent_adapter(rnd)
+        inc, _ = self.incumbent_adapter(rnd, load=False)  # evaluate_checkpoint loads it if it is not measured yet
         inc_ev = self.evaluate_checkpoint(inc, rid)
         hold_for_test("evaluate:between")
         try:
@@ -686,7 +691,7 @@ class Cycle:
             self.finish(rid, t0, "evaluate", {}, decision="fail", status="failed", reasons=[why], error=why,
                         also=lambda: self.store.set_checkpoint_status(cand, "failed", why))
             return
-        i_m, c_m = inc_ev["heldout"]["metrics"], cand_ev["heldout"]["metrics"]
+        i_m, c_m = inc_ev["heldout"].metrics, cand_ev["heldout"].metrics
         with self.store.transaction():
             self.store.merge_round_metrics(rid, {
                 "incumbent_accuracy": i_m.get("accuracy"), "candidate_accuracy": c_m.get("accuracy"),
@@ -707,7 +712,7 @@ class Cycle:
         ids = [t.id for t in tasks]
         base_anchor = self.store.latest_evaluation("base", "anchors")
         d = decide(self.gate_metrics(cand, ids, cats), self.gate_metrics(inc, ids, cats), self.policy.gates,
-                   base_anchor_nll=base_anchor["metrics"]["nll"] if base_anchor else None)
+                   base_anchor_nll=base_anchor.metrics["nll"] if base_anchor else None)
         decision = "promote" if d.promote else "reject"
         with self.store.transaction():
             self.store.merge_round_metrics(rid, _jsonable(d.numbers))
@@ -768,7 +773,7 @@ class Cycle:
         from selfdistill.checkpoints import cleanup_temp_dirs, retention
 
         chain = self.store.promoted_chain()
-        rejected = [c["id"] for c in reversed(self.store.checkpoints()) if c["status"] in ("rejected", "failed")]
+        rejected = [c.id for c in reversed(self.store.checkpoints()) if c.status in ("rejected", "failed")]
         deleted = retention(self.state_dir, chain + [self.current_id()], rejected, self.policy.retention.keep_rejected)
         for cid in deleted:
             self.store.set_checkpoint_status(cid, "deleted")

@@ -24,7 +24,7 @@ from selfdistill import stats
 from selfdistill.engines.base import Engine, Prompt, SamplingParams
 from selfdistill.errors import EngineError
 from selfdistill.gates import EvalMetrics, SanityStats
-from selfdistill.records import Task
+from selfdistill.records import Evaluation, Task
 
 Verify = Callable[[str, Task], tuple[float, bool]]  # (answer text, task) -> (score, correct)
 PromptBuilder = Callable[[Task], Prompt]
@@ -86,15 +86,15 @@ def evaluate_heldout(
     return EvalResult(items=items, categories=categories, metrics=_metrics(items, categories))
 
 
-def gate_input(heldout: dict[str, Any], anchors: dict[str, Any] | None, categories: dict[int, str]) -> EvalMetrics:
+def gate_input(heldout: Evaluation, anchors: Evaluation | None, categories: dict[int, str]) -> EvalMetrics:
     """The one builder of the gate's view of a checkpoint, from its stored held-out evaluation
     (`metrics` and `items` as `evaluate_heldout` made them) and anchor evaluation."""
-    m = heldout["metrics"]
+    m = heldout.metrics
     return EvalMetrics(
-        correct={it["task_id"]: bool(it["correct"]) for it in heldout["items"]},
+        correct={it["task_id"]: bool(it["correct"]) for it in heldout.items},
         sanity=SanityStats(empty_fraction=m["empty_fraction"], repetition=m["repetition"], mean_length=m["mean_length"]),
         categories=categories,
-        anchor_nll=anchors["metrics"]["nll"] if anchors else None,
+        anchor_nll=anchors.metrics["nll"] if anchors else None,
     )
 
 

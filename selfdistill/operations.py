@@ -79,12 +79,12 @@ def rollback(policy: Policy, to: str | None, reason: str) -> str:
 
     store = Store.open(policy.state_dir / DB_NAME)
     try:
-        cur = store.current_checkpoint()["id"]
+        cur = store.current_checkpoint().id
         if to is None:
             row = store.checkpoint(cur)
-            parent = row["parent_id"] if row else None
+            parent = row.parent_id if row else None
             prow = store.checkpoint(parent) if parent else None
-            to = checkpoints.rollback_target(cur, parent, bool(prow) and prow["status"] in ("promoted", "base"), store.promoted_chain())
+            to = checkpoints.rollback_target(cur, parent, bool(prow) and prow.status in ("promoted", "base"), store.promoted_chain())
         if store.checkpoint(to) is None:
             raise CheckpointError(f"no checkpoint {to}; `selfdistill status` lists them")
         checkpoints.rollback(store, policy.state_dir, to, reason)
@@ -101,18 +101,17 @@ def export_current(policy: Policy, out: Path, merged: bool, checkpoint: str | No
         ckpt = store.checkpoint(checkpoint) if checkpoint else store.current_checkpoint()
         if ckpt is None:
             raise CheckpointError(f"no checkpoint {checkpoint}; `selfdistill status` lists them")
-        if ckpt["id"] == "base":
+        if ckpt.id == "base":
             raise CheckpointError("the base model is current: there is no adapter to export yet")
         if merged:
-            return export_merged(base_model_dir(policy), Path(ckpt["path"]), out)
-        return export_adapter(Path(ckpt["path"]), out)
+            return export_merged(base_model_dir(policy), Path(ckpt.path), out)
+        return export_adapter(Path(ckpt.path), out)
     finally:
         store.close()
 
 
 def export_training_data(policy: Policy, out: Path) -> list[Path]:
     from selfdistill.pairs import export_jsonl, export_sft_jsonl
-    from selfdistill.records import PairRecord, SftRecord
 
     store = Store.open(policy.state_dir / DB_NAME, readonly=True)
     try:
@@ -121,10 +120,7 @@ def export_training_data(policy: Policy, out: Path) -> list[Path]:
     finally:
         store.close()
     out.mkdir(parents=True, exist_ok=True)
-    pairs = [PairRecord(task_id=r["task_id"], prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"],
-                        margin=r["margin"], weight=r["weight"], source=r["source"]) for r in data["pairs"]]
-    sft = [SftRecord(task_id=r["task_id"], prompt=r["prompt"], completion=r["completion"], weight=r["weight"], source=r["source"]) for r in data["sft"]]
     p1, p2 = out / "pairs.jsonl", out / "sft.jsonl"
-    export_jsonl(pairs, p1, policy.student.system_prompt)
-    export_sft_jsonl(sft, p2, policy.student.system_prompt)
+    export_jsonl(data.pairs, p1, policy.student.system_prompt)
+    export_sft_jsonl(data.sft, p2, policy.student.system_prompt)
     return [p1, p2]

@@ -101,6 +101,8 @@ class PairRecord:
     source: str
     chosen_gen_id: int | None = None
     rejected_gen_id: int | None = None
+    id: int | None = None  # set once stored
+    round_id: int | None = None
 
 
 @dataclass
@@ -111,10 +113,28 @@ class SftRecord:
     weight: float
     source: str  # verifier, top, teacher_label, teacher_revise
     generation_id: int | None = None
+    id: int | None = None  # set once stored
+    round_id: int | None = None
 
 
 @dataclass
-class Round:
+class TrainingData:
+    """What one training round may use: stored SFT examples and pairs of train-split tasks."""
+
+    sft: list[SftRecord]
+    pairs: list[PairRecord]
+
+
+class _Row:
+    """Typed rows also read by column name (`row["status"]`), as the report and the SQL-minded
+    callers do."""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+@dataclass
+class Round(_Row):
     """A row of the rounds table, typed."""
 
     id: int
@@ -138,8 +158,34 @@ class Round:
     def decided(self) -> bool:
         return self.decision in DECIDED and self.status != "running"
 
-    def __getitem__(self, key: str) -> Any:  # the report and SQL-minded callers read rows by name
-        return getattr(self, key)
+
+@dataclass
+class Checkpoint(_Row):
+    """A row of the checkpoints table: 'base' or an adapter version."""
+
+    id: str
+    status: str  # base, candidate, promoted, rejected, failed, deleted
+    parent_id: str | None = None
+    round_id: int | None = None
+    path: str | None = None
+    is_current: int = 0
+    training: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    created_at: float = 0.0
+    promoted_at: float | None = None
+
+
+@dataclass
+class Evaluation(_Row):
+    """A stored evaluation of a checkpoint on a suite (heldout, anchors, ...), with its items."""
+
+    id: int
+    checkpoint_id: str
+    suite: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    round_id: int | None = None
+    created_at: float = 0.0
+    items: list[dict[str, Any]] = field(default_factory=list)
 
 
 def to_json(obj: Any) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from selfdistill.errors import PromotionSuperseded, StoreError
-from selfdistill.records import PairRecord, Round, SftRecord, Task, TaskIn, split_for
+from selfdistill.records import Checkpoint, Evaluation, PairRecord, Round, SftRecord, Task, TaskIn, TrainingData, split_for
 
 APP_ID = 0x53444C53  # "SDLS": PRAGMA application_id marks a selfdistill database
 DB_NAME = "selfdistill.db"
@@ -427,7 +427,7 @@ class Store:
             self.db["pairs"].delete_where("round_id = ?", [round_id])
             self.db["sft_examples"].delete_where("round_id = ?", [round_id])
 
-    def training_data(self, round_id: int, scope: str = "all", replay_fraction: float = 0.0, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    def training_data(self, round_id: int, scope: str = "all", replay_fraction: float = 0.0, seed: int = 0) -> TrainingData:
         """The SFT examples and pairs a training round may use, read in one snapshot.
 
         The held-out wall lives here: only rows whose task is in the 'train' split are returned,
@@ -459,7 +459,7 @@ class Store:
                         [params[0]])
                     want = int(round(len(rows) * replay_fraction / max(1e-9, 1 - replay_fraction)))
                     rows.extend(rng.sample(older, min(want, len(older))))
-        return {"sft": sft, "pairs": pairs}
+        return TrainingData(sft=[SftRecord(**r) for r in sft], pairs=[PairRecord(**r) for r in pairs])
 
     def mark_data_used(self, round_id: int, sft_ids: list[int], pair_ids: list[int]) -> None:
         with self.transaction():
@@ -512,18 +512,18 @@ class Store:
         self._insert("checkpoints", {"id": ckpt_id, "parent_id": parent_id, "round_id": round_id, "path": path,
                                      "status": "candidate", "training": _j(training), "created_at": _now()}, replace=True)
 
-    def checkpoint(self, ckpt_id: str) -> dict[str, Any] | None:
+    def checkpoint(self, ckpt_id: str) -> Checkpoint | None:
         rows = self.query("SELECT * FROM checkpoints WHERE id = ?", (ckpt_id,))
-        return _decode(rows[0]) if rows else None
+        return Checkpoint(**_decode(rows[0])) if rows else None
 
-    def checkpoints(self) -> list[dict[str, Any]]:
-        return [_decode(r) for r in self.query("SELECT * FROM checkpoints ORDER BY created_at, id")]
+    def checkpoints(self) -> list[Checkpoint]:
+        return [Checkpoint(**_decode(r)) for r in self.query("SELECT * FROM checkpoints ORDER BY created_at, id")]
 
-    def current_checkpoint(self) -> dict[str, Any]:
+    def current_checkpoint(self) -> Checkpoint:
         rows = self.query("SELECT * FROM checkpoints WHERE is_current = 1")
         if not rows:
             raise StoreError(f"{self.path}: no current checkpoint recorded; run `selfdistill init POLICY`")
-        return _decode(rows[0])
+        return Checkpoint(**_decode(rows[0]))
 
     def set_checkpoint_status(self, ckpt_id: str, status: str, reason: str | None = None) -> None:
         with self.transaction():
@@ -582,22 +582,24 @@ class Store:
                  "score": it.get("score"), "text": it.get("text", ""), "tokens": it.get("tokens", 0)} for it in items))
             return eid
 
-    def latest_evaluation(self, checkpoint_id: str, suite: str, task_ids: list[int] | None = None) -> dict[str, Any] | None:
-        """The newest evaluation of a checkpoint on a suite (with its items), or None."""
+    def latest_evaluation(self, checkpoint_id: str, suite: str, task_ids: list[int] | None = None) -> Evaluation | None:
+        """The newest evaluation of a checkpoint on a suite (with its items), or None; with
+        `task_ids`, only one made on exactly those items."""
         rows = self.query(
             "SELECT * FROM evaluations WHERE checkpoint_id = ? AND suite = ? ORDER BY id DESC LIMIT 1", (checkpoint_id, suite))
         if not rows:
             return None
-        ev = _decode(rows[0])
-        ev["items"] = self.query("SELECT task_id, correct, score, text, tokens FROM eval_items WHERE evaluation_id = ? ORDER BY task_id", (ev["id"],))
-        if task_ids is not None and sorted(task_ids) != [i["task_id"] for i in ev["items"]]:
+        ev = Evaluation(**_decode(rows[0]))
+        ev.items = self.query("SELECT task_id, correct, score, text, tokens FROM eval_items WHERE evaluation_id = ? ORDER BY task_id", (ev.id,))
+        if task_ids is not None and sorted(task_ids) != [i["task_id"] for i in ev.items]:
             return None
         return ev
 
-    def evaluations(self, suite: str | None = None) -> list[dict[str, Any]]:
+    def evaluations(self, suite: str | None = None) -> list[Evaluation]:
+        """Evaluations (without their items), oldest first."""
         if suite:
-            return [_decode(r) for r in self.query("SELECT * FROM evaluations WHERE suite = ? ORDER BY id", (suite,))]
-        return [_decode(r) for r in self.query("SELECT * FROM evaluations ORDER BY id")]
+            return [Evaluation(**_decode(r)) for r in self.query("SELECT * FROM evaluations WHERE suite = ? ORDER BY id", (suite,))]
+        return [Evaluation(**_decode(r)) for r in self.query("SELECT * FROM evaluations ORDER BY id")]
 
     # -- judge health ----------------------------------------------------------------------
 

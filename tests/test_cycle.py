@@ -253,3 +253,21 @@ def test_the_wall_clock_does_not_start_a_training_round_it_cannot_finish(make_cy
     (cyc.state_dir / "STOP").write_text("now\n")
     with pytest.raises(StopRequested):
         cyc.check_stop("evaluate")
+
+
+def test_a_reloaded_policy_takes_effect_at_the_next_round_boundary(make_cycle):
+    from selfdistill.logs import LOGGER, HumanFormatter, JsonFormatter, setup_logging
+
+    cyc = make_cycle(COLLECT)
+    setup_logging("json", "INFO")
+    try:
+        assert cyc.run_round().decision == "collect"
+        _policy_with(cyc, tasks={"per_round": 3}, logging={"format": "human", "level": "WARNING"})
+        assert isinstance(LOGGER.handlers[0].formatter, JsonFormatter)  # nothing changes under a running round
+        r2 = cyc.run_round()
+        assert len(cyc.store.round_tasks(r2.id)) == 3 and len(cyc.store.round_tasks(1)) == 6
+        assert isinstance(LOGGER.handlers[0].formatter, HumanFormatter) and LOGGER.level == 30
+    finally:
+        LOGGER.handlers[:] = []
+        LOGGER.setLevel("NOTSET")
+        LOGGER.propagate = True

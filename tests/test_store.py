@@ -87,7 +87,7 @@ def test_audit_split_is_a_third_wall(store):
     rid = store.create_round("base")
     audit = store.tasks(split="audit")
     store.add_training_data(rid, [], [SftRecord(t.id, t.prompt, "x", 1.0, "verifier") for t in audit])
-    assert store.training_data(rid, "all")["sft"] == []
+    assert store.training_data(rid, "all").sft == []
 
 
 def test_heldout_wall_in_training_data(store):
@@ -102,7 +102,7 @@ def test_heldout_wall_in_training_data(store):
     sft = [SftRecord(t.id, t.prompt, "good", 1.0, "verifier") for t in tasks]
     assert store.add_training_data(rid, pairs, sft) == (60, 60)
     data = store.training_data(rid, "all")
-    got = {r["task_id"] for r in data["pairs"]} | {r["task_id"] for r in data["sft"]}
+    got = {r.task_id for r in data.pairs} | {r.task_id for r in data.sft}
     assert got == {t.id for t in train}
     assert not got & {t.id for t in held}
 
@@ -117,9 +117,9 @@ def test_training_data_scope_and_replay(store):
     store.update_round(r1, status="done", phase="done")
     r2 = store.create_round("base")
     store.add_training_data(r2, [], [SftRecord(t.id, t.prompt, "b", 1.0, "verifier") for t in tasks[20:30]])
-    assert len(store.training_data(r2, "all")["sft"]) == 30
-    assert len(store.training_data(r2, "since_last")["sft"]) == 10
-    assert len(store.training_data(r2, "since_last", replay_fraction=0.5)["sft"]) == 20
+    assert len(store.training_data(r2, "all").sft) == 30
+    assert len(store.training_data(r2, "since_last").sft) == 10
+    assert len(store.training_data(r2, "since_last", replay_fraction=0.5).sft) == 20
 
 
 def test_promotion_is_one_transaction_and_one_current(store):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfdistill.config import LoraConfig, TrainingConfig
+from selfdistill.records import PairRecord, SftRecord
 
 DATA_FORMAT = """\
 One JSON object per line, two kinds, in any order:
@@ -27,14 +28,13 @@ records.chat_messages(prompt, system_prompt) and the tokenizer's chat template, 
 generation does. `weight` is the sampling weight of the row (rows with weight 0 are dropped)."""
 
 
-def write_round_data(path: Path, sft: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> Path:
-    """Write a round's SFT rows and pairs (store rows) in DATA_FORMAT; returns `path`."""
+def write_round_data(path: Path, sft: list[SftRecord], pairs: list[PairRecord]) -> Path:
+    """Write a round's SFT examples and pairs in DATA_FORMAT; returns `path`."""
     with open(path, "w") as f:
         for r in sft:
-            f.write(json.dumps({"kind": "sft", "prompt": r["prompt"], "completion": r["completion"], "weight": r["weight"]}) + "\n")
+            f.write(json.dumps({"kind": "sft", "prompt": r.prompt, "completion": r.completion, "weight": r.weight}) + "\n")
         for r in pairs:
-            f.write(json.dumps({"kind": "pair", "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-                                "weight": r["weight"]}) + "\n")
+            f.write(json.dumps({"kind": "pair", "prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected, "weight": r.weight}) + "\n")
     return path
 
 

@@ -16,10 +16,9 @@ from torture import DECIDED, torture
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("release,kills,rounds,seed", [
-    ("restart", 6, 3, 7),  # policies/cpu-demo.toml's mode
-    ("auto", 4, 2, 8),     # the default (restart on CPU): the four aimed kills only
-])
+# policies/cpu-demo.toml's mode; "auto" (the default) and gpu.toml's "sleep" release by the same
+# restart on CPU (the transformers engine frees its model the same way for all three)
+@pytest.mark.parametrize("release,kills,rounds,seed", [("restart", 6, 3, 7)])
 def test_sigkill_torture_loses_no_committed_row(tmp_path, tiny_model_dir, release, kills, rounds, seed):
     run = tmp_path / "run"
     res = torture(run, tiny_model_dir, rounds=rounds, kills=kills, seed=seed, max_wait_s=20.0, release=release)
