@@ -133,7 +133,10 @@ class Cycle:
 
     @property
     def teacher(self):
-        return self.serving.teacher
+        from selfdistill.serving import BeatingEngine
+
+        t = self.serving.teacher
+        return None if t is None else BeatingEngine(t, self.run.beat, GENERATE_CHUNK)
 
     def close(self) -> None:
         self.serving.close()
