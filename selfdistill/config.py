@@ -404,7 +404,8 @@ class Policy(_Model):
     # A field (or section) whose json_schema_extra has a "restart" reason cannot change while the
     # daemon runs (nor anything below it); reload_plan reads these marks, here and in the sections,
     # so a new key is applied by a reload unless it is marked.
-    name: str = Field("selfdistill", description="Name of this service (shown in logs and the report).")
+    name: str = Field("selfdistill", description="Name of this service (shown in logs, the report and the metrics).",
+                      json_schema_extra={"restart": "the metrics endpoint labels its figures with it from start"})
     state_dir: Path = Field(
         Path("state"), description="Directory of the database, checkpoints, caches and lock (relative to the policy file).",
         json_schema_extra={"restart": "the lock, the database and the adapters live there"},

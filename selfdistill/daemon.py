@@ -123,6 +123,9 @@ class Daemon:
         if s.train_cron:
             sch.add_job(self._request_train, CronTrigger.from_crontab(s.train_cron), id="train-cron", executor="flags")
         sch.add_job(self._request_housekeeping, IntervalTrigger(seconds=s.housekeeping_interval_s), id="housekeeping", executor="flags")
+        cycle = sch.get_job("cycle")
+        if cycle is not None and cycle.trigger.interval.total_seconds() != max(s.idle_sleep_s, 0.01):
+            sch.reschedule_job("cycle", trigger=IntervalTrigger(seconds=max(s.idle_sleep_s, 0.01)))
 
     def _request_train(self) -> None:
         log("training requested by the schedule")

@@ -95,6 +95,10 @@ def test_the_daemon_builds_interval_and_cron_jobs_and_rebuilds_them_on_reload(tm
     assert jobs["train-interval"].trigger.interval == datetime.timedelta(seconds=90)
     d._request_train()
     assert d.run_state.train_requested
-    d.policy = policy({"train_interval_s": 30})
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    d.scheduler.add_job(d._cycle_job, IntervalTrigger(seconds=5.0), id="cycle")
+    d.policy = policy({"train_interval_s": 30, "idle_sleep_s": 0.5})
     d._schedule_jobs()
-    assert {j.id for j in d.scheduler.get_jobs()} == {"train-interval", "housekeeping"}
+    assert {j.id for j in d.scheduler.get_jobs()} == {"train-interval", "housekeeping", "cycle"}
+    assert d.scheduler.get_job("cycle").trigger.interval == datetime.timedelta(seconds=0.5)  # idle_sleep_s applies on reload
