@@ -55,7 +55,8 @@ class PromotionStore(Protocol):
         PromotionSuperseded); return the id that was current."""
         ...
 
-    def checkpoint(self, ckpt_id: str) -> dict[str, Any] | None:
+    def checkpoint(self, ckpt_id: str) -> Any:
+        """The checkpoint's row (read by column name: `row["status"]`), or None."""
         ...
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
 import threading
@@ -34,7 +33,7 @@ from selfdistill.config import Policy
 from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError
 from selfdistill.logs import log
 from selfdistill.records import Round, Task, chat_messages
-from selfdistill.service import hold_for_test, sd_notify
+from selfdistill.service import hold_for_test, hook_seconds, sd_notify
 from selfdistill.stopping import Progress, should_stop
 from selfdistill.store import Store
 
@@ -106,14 +105,14 @@ class Cycle:
     def _adopt_pending_policy(self) -> None:
         with self._pending_lock:
             new, self._pending = self._pending, None
-        if new is not None:
-            self.policy = new
-            if new.logging != getattr(self, "_logging", new.logging):
-                from selfdistill.logs import setup_logging
+        if new is None:
+            return
+        old, self.policy = self.policy, new
+        if new.logging != old.logging:
+            from selfdistill.logs import setup_logging
 
-                setup_logging(new.logging.format, new.logging.level)
-            log("policy swapped in", round_boundary=True)
-        self._logging = self.policy.logging
+            setup_logging(new.logging.format, new.logging.level)
+        log("policy swapped in", round_boundary=True)
 
     # -- engines ---------------------------------------------------------------------------
 
@@ -267,7 +266,7 @@ class Cycle:
                 except (StopRequested, Waiting):
                     raise
                 except SelfdistillError as e:
-                    if _is_disk_full(e):
+                    if is_disk_full(e):
                         raise
                     self._phase_failed(rnd, t0, e)
                 self.run.beat()
@@ -283,10 +282,10 @@ class Cycle:
         log("phase failed", logging.WARNING, round=rnd.id, phase=rnd.phase, attempt=attempts, error=str(e))
         if attempts < MAX_PHASE_ATTEMPTS:
             raise Waiting(f"round {rnd.id} {rnd.phase} failed; retried at the next pass") from None
-        if rnd.candidate_id:
-            self.store.set_checkpoint_status(rnd.candidate_id, "failed", str(e))
+        cand = rnd.candidate_id
         self.finish(rnd.id, t0, rnd.phase, {"attempts": attempts}, decision="fail", status="failed",
-                    reasons=[f"{rnd.phase} failed {attempts} times: {e}"], error=str(e))
+                    reasons=[f"{rnd.phase} failed {attempts} times: {e}"], error=str(e),
+                    also=(lambda: self.store.set_checkpoint_status(cand, "failed", str(e))) if cand else None)
 
     def finish(self, rid: int, started: float, phase: str, counts: dict[str, Any], *, decision: str | None = None,
                status: str = "done", reasons: list[str] | None = None, error: str | None = None,
@@ -798,7 +797,7 @@ class Cycle:
         cleanup_temp_dirs(self.state_dir)
 
 
-def _is_disk_full(e: BaseException) -> bool:
+def is_disk_full(e: BaseException) -> bool:
     import errno
 
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -822,16 +821,15 @@ def _test_delay(phase: str, run: RunState) -> None:
     given phase is in flight; SELFDISTILL_TEST_WEDGE="generate:20" sleeps without a heartbeat,
     as a cycle stuck in a call would, so a test can see the watchdog fire."""
     for var, beating in (("SELFDISTILL_TEST_DELAY", True), ("SELFDISTILL_TEST_WEDGE", False)):
-        for part in os.environ.get(var, "").split(","):
-            name, _, secs = part.partition(":")
-            if name != phase:
-                continue
-            log("test delay" if beating else "test wedge", phase=phase, seconds=float(secs))
-            end = time.monotonic() + float(secs)
-            while time.monotonic() < end and not (beating and run.warm_stop.is_set()):
-                if beating:
-                    run.beat()
-                time.sleep(min(0.2, max(end - time.monotonic(), 0)))
+        secs = hook_seconds(var, phase)
+        if secs is None:
+            continue
+        log("test delay" if beating else "test wedge", phase=phase, seconds=secs)
+        end = time.monotonic() + secs
+        while time.monotonic() < end and not (beating and run.warm_stop.is_set()):
+            if beating:
+                run.beat()
+            time.sleep(min(0.2, max(end - time.monotonic(), 0)))
 
 
 def _fmt(v: Any) -> str:

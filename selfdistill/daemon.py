@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.config import Policy, load_policy, reload_plan
-from selfdistill.cycle import Cycle, RunState, StopRequested, Waiting, _is_disk_full
+from selfdistill.cycle import Cycle, RunState, StopRequested, Waiting, is_disk_full
 from selfdistill.errors import PolicyError, SelfdistillError, StoppedByPolicy
 from selfdistill.logs import log
 from selfdistill.operations import ingest_tasks, open_state
@@ -156,7 +156,7 @@ class Daemon:
             log("stopping", reason=str(e))
             self.done.set()
         except BaseException as e:  # an unexpected failure ends the daemon with its message
-            if _is_disk_full(e):
+            if is_disk_full(e):
                 log("disk full: pausing until space returns", logging.ERROR, error=str(e))
                 self._wait_for_space()
                 return

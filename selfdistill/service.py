@@ -126,15 +126,21 @@ def watchdog_interval_s() -> float | None:
     return int(usec) / 2e6
 
 
+def hook_seconds(var: str, point: str) -> float | None:
+    """Test hooks: the seconds an environment variable such as "generate:30,promote:committed:5"
+    gives `point` (the text before its last colon), or None."""
+    for part in os.environ.get(var, "").split(","):
+        name, _, secs = part.rpartition(":")
+        if name == point:
+            return float(secs)
+    return None
+
+
 def hold_for_test(point: str) -> None:
     """Test hook: SELFDISTILL_TEST_HOLD="promote:committed:5,..." sleeps `secs` at the named point
     (a moment inside a step, not at a phase's start), so a kill can be aimed there."""
-    spec = os.environ.get("SELFDISTILL_TEST_HOLD")
-    if not spec:
-        return
-    import time
+    secs = hook_seconds("SELFDISTILL_TEST_HOLD", point)
+    if secs is not None:
+        import time
 
-    for part in spec.split(","):
-        name, _, secs = part.rpartition(":")
-        if name == point:
-            time.sleep(float(secs))
+        time.sleep(secs)
