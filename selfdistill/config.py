@@ -263,8 +263,46 @@ class PairsConfig(_Model):
 # training, evaluation, gates
 
 
+class RLConfig(_Model):
+    """The policy-gradient stage (algorithm grpo / sft_then_grpo) on the round's own samples."""
+
+    variant: Literal["grpo", "dr_grpo", "rloo"] = Field(
+        "grpo", description="Advantage and loss normalisation: grpo (reward minus group mean, over group std; "
+        "per-answer token mean), dr_grpo (minus group mean, no std; token sum over a constant), "
+        "rloo (leave-one-out baseline; token mean over the batch)."
+    )
+    reward: Literal["score", "correct"] = Field(
+        "score", description="The verifier's score (partial credit where the task gives it) or 1/0 correct; "
+        "a healthy judge's score where a task has no verifier."
+    )
+    length_penalty: float = Field(0.0, ge=0, description="Reward shaping: minus this times the answer's share of generation.max_tokens.")
+    truncation_penalty: float = Field(0.0, ge=0, description="Reward shaping: minus this for an answer cut at generation.max_tokens.")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the stage (none: training.learning_rate / 4).")
+    passes: int = Field(2, ge=1, le=16, description="Optimisation passes over the round's samples (the ratio's clip keeps later passes honest).")
+    clip_epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip of the importance ratio (1 - epsilon).")
+    clip_epsilon_high: float = Field(0.28, gt=0, lt=10, description="Upper clip of the importance ratio (1 + epsilon_high; DAPO's clip-higher).")
+    kl_beta: float = Field(0.0, ge=0, description="Weight of the per-token KL penalty (k3 estimator) to training.reference.")
+    sampler_ratio_cap: float = Field(
+        2.0, ge=1, description="Truncated importance weight of trainer over sampler probability (engine/trainer "
+        "numeric mismatch), from the log-probabilities stored at generation."
+    )
+    missing_logprobs: Literal["recompute", "skip"] = Field(
+        "recompute", description="Samples without stored log-probabilities: train with the trainer's own (no "
+        "sampler correction), or skip the stage with the reason."
+    )
+    min_groups: int = Field(4, ge=1, description="Fewer tasks with differing rewards than this: the stage is skipped with a reason.")
+    min_entropy: float = Field(1e-3, ge=0, description="Guard: a mean token entropy (nats) below this fails the round (collapse).")
+    max_ratio: float = Field(10.0, gt=1, description="Guard: a mean importance ratio above this fails the round.")
+    keep_logprobs_rounds: int = Field(2, ge=1, description="Retention: stored sampling log-probabilities older than this many rounds are dropped.")
+
+
+RL_STAGES = ("grpo",)
+
+
 class TrainingConfig(_Model):
-    algorithm: Literal["sft", "dpo", "sft_then_dpo"] = Field("sft_then_dpo", description="What a round trains.")
+    algorithm: Literal["sft", "dpo", "sft_then_dpo", "grpo", "sft_then_grpo"] = Field(
+        "sft_then_dpo", description="What a round trains: SFT, DPO-family, group-relative policy gradient, or SFT then one of them."
+    )
     loss_type: list[Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "simpo", "orpo"]] = Field(
         default_factory=lambda: ["sigmoid"], description="DPO-family loss(es); simpo and orpo are reference-free."
     )
@@ -296,6 +334,15 @@ class TrainingConfig(_Model):
     min_dpo_margin: float = Field(-5.0, description="Guard: a final mean DPO reward margin below this fails the round.")
     seed: int = Field(0, description="Training seed.")
     max_retries: int = Field(1, ge=0, description="A failed round is retried this many times before being given up.")
+    rl: RLConfig = Field(default_factory=RLConfig, description="The policy-gradient stage (grpo, sft_then_grpo).")
+
+    def stages(self) -> list[str]:
+        """The stages a round runs, in order."""
+        return {"sft": ["sft"], "dpo": ["dpo"], "sft_then_dpo": ["sft", "dpo"], "grpo": ["grpo"],
+                "sft_then_grpo": ["sft", "grpo"]}[self.algorithm]
+
+    def uses_rl(self) -> bool:
+        return any(s in RL_STAGES for s in self.stages())
 
     @model_validator(mode="after")
     def _weights_match(self) -> "TrainingConfig":
@@ -303,6 +350,8 @@ class TrainingConfig(_Model):
             raise ValueError(
                 f"got {len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss_type entries"
             )
+        if self.uses_rl() and self.num_processes > 1:
+            raise ValueError(f"algorithm {self.algorithm!r}: the policy-gradient stage runs in one process; set num_processes = 1")
         free = [x for x in self.loss_type if x in ("simpo", "orpo")]
         if free and len(self.loss_type) > 1:
             # TRL runs these through their own trainers (CPO, ORPO), which cannot mix with DPO losses

@@ -371,7 +371,8 @@ class Cycle:
         tasks = self.store.round_tasks(rid)
         g = self.policy.generation
         params = SamplingParams(n=g.samples_per_task, temperature=g.temperature, top_p=g.top_p,
-                                max_tokens=g.max_tokens, stop=tuple(g.stop), seed=round_seed(g.seed, rid))
+                                max_tokens=g.max_tokens, stop=tuple(g.stop), seed=round_seed(g.seed, rid),
+                                logprobs=self.policy.training.uses_rl())  # the policy gradient's importance correction
         ckpt, adapter = self.incumbent_adapter(rnd)
         outs = self.engine.generate([self.messages(t) for t in tasks], params, adapter=adapter)
         rows = []
@@ -381,6 +382,7 @@ class Cycle:
                     "round_id": rid, "task_id": t.id, "checkpoint_id": ckpt, "purpose": "train", "sample_index": i,
                     "prompt": self.prompt_text(t), "text": c.text, "params": params.as_dict(),
                     "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+                    "token_ids": c.token_ids, "logprobs": c.logprobs,
                 })
         tokens = sum(r["completion_tokens"] for r in rows)
         with self.store.transaction():
@@ -512,6 +514,7 @@ class Cycle:
                 self.store.event(**ev)
             self.store.delete_training_data(rid)
             n_pairs, n_sft = self.store.add_training_data(rid, pairs, sft)
+            self.store.prune_sample_logprobs(rid - self.policy.training.rl.keep_logprobs_rounds + 1)
             train_now, why = train_due(self.policy.schedule, new_data=self.store.count_new_training_data(),
                                        requested=self.run.train_requested, now=time.localtime())
             counts = {"pairs": n_pairs, "sft": n_sft, "train": train_now}
@@ -548,6 +551,7 @@ class Cycle:
                 self.store.finish_training_run(run["id"], "failed", {}, "interrupted: the daemon stopped during training")
         attempt = len(self.store.training_runs(rid)) + 1
         data = self.store.training_data(rid, tr.data_scope, tr.replay_fraction, tr.seed)
+        groups, group_counts = self.round_groups(rid) if tr.uses_rl() else ([], {})
         ckpt_id = self.store.next_checkpoint_id()
         # an adapter renamed into place by a trainer whose result was never recorded: train afresh
         if discard_unrecorded(self.state_dir, ckpt_id, recorded=False):
@@ -555,7 +559,7 @@ class Cycle:
         out_dir = new_checkpoint_dir(self.state_dir, ckpt_id)
         work = self.state_dir / "tmp" / f"round-{rid}-attempt-{attempt}"
         work.mkdir(parents=True, exist_ok=True)
-        data_path = write_round_data(work / "data.jsonl", data.sft, data.pairs)
+        data_path = write_round_data(work / "data.jsonl", data.sft, data.pairs, groups)
         incumbent = rnd.incumbent_id
         spec = RoundSpec(
             round_id=rid, attempt=attempt, base_model_dir=str(self.model_dir),
@@ -565,7 +569,7 @@ class Cycle:
             result_path=str(work / "result.json"), threads=tr.threads, seed=tr.seed + attempt - 1,
             hf_home=str(self.state_dir / "cache" / "hf"),
         )
-        counts = {"sft": len(data.sft), "pairs": len(data.pairs)}
+        counts = {"sft": len(data.sft), "pairs": len(data.pairs), **group_counts}
         self._training_run_id = self.store.start_training_run(rid, attempt, {**counts, "output": str(out_dir)})
         self.say(rid, "train", attempt=attempt, candidate=ckpt_id, **counts)
         self.serving.release("training")  # the engine comes back by itself at its next use
@@ -590,7 +594,9 @@ class Cycle:
                 self.store.record_phase(rid, "train", t0, {**counts, **_numeric(result.metrics)}, "evaluate")
             self.run.train_requested = False
             shutil.rmtree(work, ignore_errors=True)
-            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1))
+            m = result.metrics
+            rl = {k: m[f"grpo_{k}"] for k in ("clip_fraction", "kl", "entropy_last") if f"grpo_{k}" in m}
+            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1), **rl)
         elif result.status == "skipped":
             self.run.train_requested = False
             self.finish(rid, t0, "train", counts, decision="skip", reasons=[result.reason or "skipped"])
@@ -601,6 +607,25 @@ class Cycle:
                 return  # the phase stays 'train': the next pass retries
             self.finish(rid, t0, "train", {"attempts": attempt}, decision="fail", status="failed",
                         reasons=[f"training failed: {result.reason}"], error=result.reason)
+
+    def round_groups(self, rid: int) -> tuple[list, dict[str, Any]]:
+        """The policy-gradient stage's groups: this round's answers (sampled by the incumbent) of
+        train-split tasks with their rewards and stored sampling log-probabilities, and the counts
+        (groups kept, flat groups and unusable samples dropped, mean reward and pass rate)."""
+        from selfdistill.pairs import build_groups, candidates_from_scores
+
+        tasks = {t.id: t for t in self.store.round_tasks(rid) if t.split == "train"}  # the held-out wall
+        gens = {g["id"]: g for g in self.store.generations(rid, "train") if g["task_id"] in tasks}
+        scores = [s_ for s_ in self.store.scores_for_round(rid, "train") if s_["generation_id"] in gens]
+        by_task = candidates_from_scores(scores, self.unhealthy_judges())
+        groups, counts = build_groups(by_task, {tid: self.prompt_text(t) for tid, t in tasks.items()}, self.policy.training.rl,
+                                      finish_reasons={gid: g["finish_reason"] for gid, g in gens.items()},
+                                      max_tokens=self.policy.generation.max_tokens, logprobs=self.store.sample_logprobs(rid))
+        verified = [c.correct for cs in by_task.values() for c in cs if c.correct is not None]
+        rewards = [s.reward for g in groups for s in g.samples]
+        counts["reward_mean"] = round(sum(rewards) / len(rewards), 4) if rewards else None
+        counts["pass_rate"] = round(sum(verified) / len(verified), 4) if verified else None
+        return groups, counts
 
     def _child_started(self, pid: int) -> None:
         self.training_child_pid = pid

@@ -10,6 +10,9 @@
   verifier outranks any judge, so no judge (fooled or not) can change a verifier-backed ranking.
 - `export_jsonl` / `export_sft_jsonl` write TRL's conversational formats (prompt/chosen/rejected;
   messages), atomically.
+- `build_groups(candidates_by_task, prompts, cfg, ...)` keeps each task's k answers with their
+  rewards (the policy-gradient stage's groups), dropping answers without a usable reward and
+  groups whose rewards are all equal (they carry no signal), and counts both.
 - `similarity(a, b)` is the ROUGE-L F-measure over whitespace tokens; task expansion uses it too.
 
 Scores are in [0, 1] (a judge's 1-10 is mapped by the caller: (s - 1) / 9). Candidates are only
@@ -28,8 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from selfdistill.config import PairsConfig
-from selfdistill.records import Candidate, PairRecord, SftRecord, chat_messages, normalize_prompt
+from selfdistill.config import PairsConfig, RLConfig
+from selfdistill.records import Candidate, GroupRecord, GroupSample, PairRecord, SftRecord, chat_messages, normalize_prompt
 
 # Which signal wins when a task has candidates scored by several: the verifier first, then the
 # teacher, then the student's own judgment.
@@ -272,3 +275,64 @@ def export_sft_jsonl(examples: list[SftRecord], path: str | os.PathLike[str], sy
          for e in examples),
         path,
     )
+
+
+def sample_reward(c: Candidate, cfg: RLConfig, finish_reason: str | None, max_tokens: int) -> float | None:
+    """A candidate's reward for the policy gradient, or None where it has no usable number.
+
+    The verifier's score (partial credit) or its 1/0 verdict per `cfg.reward`; a judge's score where
+    the task has no verifier (candidates of unhealthy judges never get here); minus the named
+    shaping terms: `length_penalty` times the answer's share of `max_tokens`, `truncation_penalty`
+    for an answer cut at the limit."""
+    import math
+
+    if c.source == "verifier" and cfg.reward == "correct":
+        if c.correct is None:
+            return None
+        r = 1.0 if c.correct else 0.0
+    else:
+        if not isinstance(c.score, (int, float)) or isinstance(c.score, bool) or not math.isfinite(c.score):
+            return None
+        r = float(c.score)
+    r -= cfg.length_penalty * min(1.0, c.tokens / max(1, max_tokens))
+    if finish_reason == "length":
+        r -= cfg.truncation_penalty
+    return r
+
+
+def build_groups(by_task: dict[int, list[Candidate]], prompts: dict[int, str], cfg: RLConfig, *,
+                 finish_reasons: dict[int, str | None] | None = None, max_tokens: int = 128,
+                 logprobs: dict[int, tuple[list[int], list[float]]] | None = None) -> tuple[list[GroupRecord], dict[str, int]]:
+    """Groups of each task's answers with their rewards, and the counts of what was left out.
+
+    Only the strongest signal source present in a task ranks it (a verifier outranks any judge), as
+    for pairs. Exact duplicates stay: they are k draws of one policy and count as often as drawn.
+    Counts: `groups` kept, `flat_groups` (every reward equal: no advantage), `dropped_samples` (no
+    usable reward), `samples` kept, `with_logprobs` (samples with stored sampling log-probabilities)."""
+    finish_reasons = finish_reasons or {}
+    logprobs = logprobs or {}
+    counts = {"groups": 0, "flat_groups": 0, "dropped_samples": 0, "samples": 0, "with_logprobs": 0}
+    out: list[GroupRecord] = []
+    for tid in sorted(by_task):
+        cands = by_task[tid]
+        sources = {c.source for c in cands if c.score is not None}
+        if not sources:
+            counts["dropped_samples"] += len(cands)
+            continue
+        top = min(sources, key=lambda s: SOURCE_RANK.index(s) if s in SOURCE_RANK else len(SOURCE_RANK))
+        samples = []
+        for c in sorted(cands, key=lambda c: c.generation_id or 0):
+            r = sample_reward(c, cfg, finish_reasons.get(c.generation_id), max_tokens) if c.source == top else None
+            if r is None:
+                counts["dropped_samples"] += 1
+                continue
+            ids, lps = logprobs.get(c.generation_id, (None, None))
+            samples.append(GroupSample(c.text, r, c.generation_id, ids, lps))
+        if len(samples) < 2 or max(s.reward for s in samples) - min(s.reward for s in samples) < 1e-9:
+            counts["flat_groups"] += 1
+            continue
+        out.append(GroupRecord(tid, prompts[tid], samples))
+        counts["groups"] += 1
+        counts["samples"] += len(samples)
+        counts["with_logprobs"] += sum(1 for s in samples if s.logprobs is not None)
+    return out, counts

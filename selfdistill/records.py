@@ -118,6 +118,27 @@ class SftRecord:
 
 
 @dataclass
+class GroupSample:
+    """One of a task's k answers sampled by the incumbent, with its reward for the policy gradient."""
+
+    completion: str
+    reward: float
+    generation_id: int | None = None
+    token_ids: list[int] | None = None  # as sampled, where the engine gave them
+    logprobs: list[float] | None = None  # the sampler's log-probability of each token (temperature 1)
+
+
+@dataclass
+class GroupRecord:
+    """A task's answers of one round: the group a group-relative advantage is computed over."""
+
+    task_id: int
+    prompt: str
+    samples: list[GroupSample]
+    weight: float = 1.0
+
+
+@dataclass
 class TrainingData:
     """What one training round may use: stored SFT examples and pairs of train-split tasks."""
 

@@ -368,7 +368,26 @@ class Store:
             # One writer holds the transaction (BEGIN IMMEDIATE) and the id is a plain INTEGER PRIMARY KEY, so SQLite
             # gives the rows consecutive ids ending at the last one inserted.
             last = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            return list(range(last - n + 1, last + 1))
+            ids = list(range(last - n + 1, last + 1))
+            self._insert_all("sample_logprobs", (
+                {"generation_id": gid, "token_ids": pack_ints(r["token_ids"]), "logprobs": pack_floats(r["logprobs"]), "created_at": now}
+                for gid, r in zip(ids, rows) if r.get("token_ids") is not None and r.get("logprobs") is not None
+                and len(r["token_ids"]) == len(r["logprobs"])))
+            return ids
+
+    def sample_logprobs(self, round_id: int, purpose: str = "train") -> dict[int, tuple[list[int], list[float]]]:
+        """generation id -> (sampled token ids, their sampling log-probabilities) of a round's answers that have them."""
+        return {r["generation_id"]: (unpack_ints(r["token_ids"]), unpack_floats(r["logprobs"])) for r in self.query(
+            "SELECT l.* FROM sample_logprobs l JOIN generations g ON g.id = l.generation_id "
+            "WHERE g.round_id = ? AND g.purpose = ?", (round_id, purpose))}
+
+    def prune_sample_logprobs(self, before_round: int) -> int:
+        """Retention: drop the stored log-probabilities of answers sampled before round `before_round`."""
+        with self.transaction():
+            before = self.conn.total_changes
+            self.execute("DELETE FROM sample_logprobs WHERE generation_id IN "
+                         "(SELECT id FROM generations WHERE round_id < ?)", (before_round,))
+            return self.conn.total_changes - before
 
     def generations(self, round_id: int, purpose: str = "train") -> list[dict[str, Any]]:
         return [_decode(r) for r in self.query(
@@ -377,8 +396,9 @@ class Store:
     def delete_generations(self, round_id: int, purpose: str) -> int:
         """Drop a round's generations of one purpose (and their scores): a phase restarting from scratch."""
         with self.transaction():
-            self.db["scores"].delete_where(
-                "generation_id IN (SELECT id FROM generations WHERE round_id = ? AND purpose = ?)", [round_id, purpose])
+            for table in ("scores", "sample_logprobs"):
+                self.db[table].delete_where(
+                    "generation_id IN (SELECT id FROM generations WHERE round_id = ? AND purpose = ?)", [round_id, purpose])
             before = self.conn.total_changes
             self.db["generations"].delete_where("round_id = ? AND purpose = ?", [round_id, purpose])
             return self.conn.total_changes - before
@@ -615,6 +635,45 @@ class Store:
 
 
 _JSON_COLS = {"reasons", "metrics", "counts", "params", "details", "training", "spec", "data", "metadata"}
+
+
+def pack_ints(values: list[int]) -> bytes:
+    """Token ids as little-endian int32 (4 bytes each)."""
+    return _packed("i", values)
+
+
+def pack_floats(values: list[float]) -> bytes:
+    """Log-probabilities as little-endian float32 (4 bytes each)."""
+    return _packed("f", values)
+
+
+def unpack_ints(blob: bytes) -> list[int]:
+    return _unpacked("i", blob)
+
+
+def unpack_floats(blob: bytes) -> list[float]:
+    return _unpacked("f", blob)
+
+
+def _packed(code: str, values) -> bytes:
+    import array
+    import sys
+
+    a = array.array(code, values)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tobytes()
+
+
+def _unpacked(code: str, blob: bytes) -> list:
+    import array
+    import sys
+
+    a = array.array(code)
+    a.frombytes(blob)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tolist()
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,8 @@ def _merge(base: dict, extra: dict) -> dict:
 BAD = [
     ({"bogus": 1}, "bogus: unknown key"),
     ({"training": {"epochs": -1}}, "training.epochs: Input should be greater than 0 (got -1)"),
-    ({"training": {"algorithm": "ppo"}}, "training.algorithm: Input should be 'sft', 'dpo' or 'sft_then_dpo'"),
+    ({"training": {"algorithm": "ppo"}}, "training.algorithm: Input should be 'sft', 'dpo', 'sft_then_dpo', 'grpo' or 'sft_then_grpo'"),
+    ({"training": {"algorithm": "grpo", "num_processes": 2, "launcher": "torchrun"}}, "the policy-gradient stage runs in one process; set num_processes = 1"),
     ({"generation": {"samples_per_task": "eight"}}, "generation.samples_per_task: Input should be a valid integer"),
     ({"tasks": {"sources": [{"type": "reasoning_gym"}]}}, "tasks.sources[0].dataset: required key is missing"),
     ({"tasks": {"sources": [{"type": "csv", "path": "x"}]}}, "tasks.sources[0]: Input tag 'csv' found using 'type' does not match"),

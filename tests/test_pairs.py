@@ -181,3 +181,30 @@ def test_modules_import_nothing_heavy(modules):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_build_groups_keeps_informative_groups_and_counts_what_it_drops():
+    from selfdistill.config import RLConfig
+    from selfdistill.pairs import build_groups
+
+    C = Candidate
+    by_task = {
+        1: [C(1, "4", 1.0, True, generation_id=1, tokens=2), C(1, "5", 0.0, False, generation_id=2, tokens=2),
+            C(1, "4", 1.0, True, generation_id=3, tokens=2)],  # duplicates stay: k draws of one policy
+        2: [C(2, "a", 0.0, False, generation_id=4), C(2, "b", 0.0, False, generation_id=5)],  # flat: no signal
+        3: [C(3, "x", None, None, "self", generation_id=6), C(3, "y", float("nan"), None, "self", generation_id=7)],
+        # a verifier outranks the judge in a task: the judged answer is not compared on another scale
+        4: [C(4, "p", 1.0, True, generation_id=8, tokens=8), C(4, "q", 0.7, None, "self", generation_id=9),
+            C(4, "r", 0.5, False, generation_id=10, tokens=8)],
+    }
+    prompts = {t: f"task {t}" for t in by_task}
+    groups, counts = build_groups(by_task, prompts, RLConfig(), logprobs={1: ([7, 8], [-0.1, -0.2])},
+                                  finish_reasons={10: "length"}, max_tokens=8)
+    assert [g.task_id for g in groups] == [1, 4]
+    assert [s.reward for s in groups[0].samples] == [1.0, 0.0, 1.0]
+    assert groups[0].samples[0].token_ids == [7, 8] and groups[0].samples[1].logprobs is None
+    assert counts == {"groups": 2, "flat_groups": 2, "dropped_samples": 3, "samples": 5, "with_logprobs": 1}
+    # partial credit by default; 1/0 correct on request; shaping subtracts named terms
+    shaped, _ = build_groups({4: by_task[4]}, prompts, RLConfig(reward="correct", length_penalty=0.1, truncation_penalty=0.5),
+                             finish_reasons={10: "length"}, max_tokens=8)
+    assert [round(s.reward, 3) for s in shaped[0].samples] == [0.9, -0.6]

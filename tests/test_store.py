@@ -184,3 +184,22 @@ def test_readers_while_a_writer_holds_a_transaction(store):
 
 def test_schema_files_are_found():
     assert (sql_dir() / "migrations" / "0001_initial.sql").is_file()
+
+
+def test_sampling_logprobs_round_trip_are_deleted_with_their_answers_and_pruned(store):
+    """8 bytes a token; a redone generate phase and the retention policy both remove them."""
+    store.add_tasks([TaskIn("s", "q", "1")], 0.0)
+    tid = store.tasks()[0].id
+    r1, r2 = store.create_round("base"), store.create_round("base")
+    row = dict(task_id=tid, checkpoint_id="base", purpose="train", prompt="q", text="1")
+    ids = store.add_generations([dict(row, round_id=r1, token_ids=[5, 70000], logprobs=[-0.25, -1.5]),
+                                 dict(row, round_id=r1),  # an engine that gave none
+                                 dict(row, round_id=r2, token_ids=[1], logprobs=[-2.0])])
+    got = store.sample_logprobs(r1)
+    assert got == {ids[0]: ([5, 70000], [-0.25, -1.5])}
+    blob = store.query("SELECT token_ids, logprobs FROM sample_logprobs WHERE generation_id = ?", (ids[0],))[0]
+    assert len(blob["token_ids"]) + len(blob["logprobs"]) == 8 * 2
+    assert store.delete_generations(r1, "train") == 2  # a foreign key: the log-probabilities go first
+    assert store.sample_logprobs(r1) == {} and store.sample_logprobs(r2) == {ids[2]: ([1], [-2.0])}
+    assert store.prune_sample_logprobs(before_round=r2) == 0
+    assert store.prune_sample_logprobs(before_round=r2 + 1) == 1 and store.sample_logprobs(r2) == {}

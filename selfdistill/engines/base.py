@@ -43,7 +43,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
-    logprobs: list[float] | None = None  # one per sampled token when asked for
+    logprobs: list[float] | None = None  # one per sampled token when asked for (temperature 1: the raw model)
+    token_ids: list[int] | None = None  # the sampled tokens, given with logprobs where the engine knows them
 
 
 @dataclass

@@ -124,7 +124,8 @@ class TransformersEngine:
         lps = None
         if steps is not None:
             lps = [torch.log_softmax(steps[t].float(), -1)[tok].item() for t, tok in enumerate(gen)]
-        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(gen), finish_reason=finish, logprobs=lps)
+        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(gen), finish_reason=finish, logprobs=lps,
+                          token_ids=list(gen) if steps is not None else None)
 
     def score(
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None

@@ -287,4 +287,5 @@ def _completion(prompt_tokens: int, c, want_logprobs: bool) -> Completion:
         completion_tokens=len(c.token_ids),
         finish_reason=c.finish_reason,
         logprobs=lps,
+        token_ids=list(c.token_ids) if want_logprobs else None,
     )

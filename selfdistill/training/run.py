@@ -65,10 +65,6 @@ def check_adapter_dir(path: Path) -> None:
         raise RoundFailed(f"incumbent adapter {path} is missing or incomplete (no {', '.join(missing)})")
 
 
-def _stages(algorithm: str) -> list[str]:
-    return {"sft": ["sft"], "dpo": ["dpo"], "sft_then_dpo": ["sft", "dpo"]}[algorithm]
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -349,18 +345,21 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
             raise RoundFailed(f"{spec.output_dir} already exists (adapters are never overwritten: give a new output_dir)")
         if spec.incumbent_adapter_dir is not None:
             check_adapter_dir(spec.incumbent_adapter_dir)
-        sft_rows, pair_rows = read_data(spec.data_path)
+        data = read_data(spec.data_path)
+        sft_rows, pair_rows, groups = data["sft"], data["pair"], data["group"]
         metrics.update(examples=len(sft_rows), pairs=len(pair_rows))
+        if groups:
+            metrics["groups"] = len(groups)
         forced = _test_outcome(spec.round_id)
         if forced == "skip":
             return TrainingResult(status="skipped", reason="test hook: round skipped", metrics=metrics, stages=stages)
         if forced == "fail":
             raise RoundFailed("test hook: round failed")
         todo = []
-        for stage in _stages(tc.algorithm):
-            have, need, what = (
-                (len(sft_rows), tc.min_sft_examples, "SFT examples") if stage == "sft" else (len(pair_rows), tc.min_pairs, "pairs")
-            )
+        for stage in tc.stages():
+            have, need, what = {"sft": (len(sft_rows), tc.min_sft_examples, "SFT examples"),
+                                "dpo": (len(pair_rows), tc.min_pairs, "pairs"),
+                                "grpo": (len(groups), tc.rl.min_groups, "groups with differing rewards")}[stage]
             if have < need:
                 stages[stage] = f"skipped: {have} {what} < {need} needed"
             else:
@@ -379,8 +378,23 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         tok, model = load_model(spec)
         metrics["load_s"] = round(time.monotonic() - t, 3)
         incumbent_snapshot = None
-        if spec.incumbent_adapter_dir is not None and tc.reference == "incumbent":
+        if spec.incumbent_adapter_dir is not None and tc.reference == "incumbent" and "dpo" in todo:
             incumbent_snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+        examples = None
+        if "grpo" in todo:
+            from selfdistill.training import policy_gradient as pg
+
+            t = time.monotonic()
+            try:  # before any stage trains: the model is the incumbent that sampled the groups
+                examples, info = pg.prepare(spec, tok, model, groups)
+                metrics.update(info, grpo_prepare_s=round(time.monotonic() - t, 3))
+            except pg.StageSkipped as e:
+                stages["grpo"] = f"skipped: {e}"
+                todo.remove("grpo")
+            if not todo:
+                metrics["duration_s"] = round(time.monotonic() - started, 3)
+                return TrainingResult(status="skipped", reason="; ".join(f"{s} {r}" for s, r in stages.items()),
+                                      metrics=metrics, stages=stages)
 
         inject = os.environ.get(INJECT_NAN_ENV)
         scratch = tempfile.mkdtemp(prefix=f".{spec.output_dir.name}.scratch-", dir=spec.output_dir.parent)
@@ -395,6 +409,15 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
                 log: list[dict[str, float]] = []
                 callbacks = _callbacks(guard, log, int(inject) if inject and i == 0 else None)
                 t = time.monotonic()
+                if stage == "grpo":
+                    try:
+                        steps = pg.train(spec, model, examples, log, int(inject) if inject and i == 0 else None)
+                    except TrainingError as e:
+                        raise RoundFailed(str(e)) from None
+                    metrics.update(_stage_metrics(stage, log, len(groups), time.monotonic() - t, steps), **pg.stage_metrics(log))
+                    metrics["grpo_tokens"] = sum(len(ex.ids) - ex.prompt_len for ex in examples) * tc.rl.passes
+                    stages[stage] = "trained"
+                    continue
                 if stage == "sft":
                     trainer = _train_sft(spec, tok, model, sft_rows, scratch, callbacks)
                 else:
@@ -411,7 +434,8 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         metrics["tokens"] = sum(metrics.get(f"{s}_tokens", 0) for s in todo)
         metrics["train_s"] = round(sum(metrics.get(f"{s}_train_s", 0) for s in todo), 3)
         t = time.monotonic()
-        state_dict = gathered_state_dict(trainer)  # on every rank: a collective when the adapter is sharded
+        # on every rank: a collective when the adapter is sharded (RL stages run in one process only)
+        state_dict = gathered_state_dict(trainer) if _world_size() > 1 else None
         if _rank() == 0:
             save_adapter(model, spec.output_dir, state_dict)
             metrics["save_s"] = round(time.monotonic() - t, 3)

@@ -17,31 +17,41 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfdistill.config import LoraConfig, TrainingConfig
-from selfdistill.records import PairRecord, SftRecord
+from selfdistill.records import GroupRecord, PairRecord, SftRecord
 
 DATA_FORMAT = """\
-One JSON object per line, two kinds, in any order:
-  {"kind": "sft",  "prompt": "...", "completion": "...", "weight": 1.0}
-  {"kind": "pair", "prompt": "...", "chosen": "...", "rejected": "...", "weight": 1.0}
+One JSON object per line, three kinds, in any order:
+  {"kind": "sft",   "prompt": "...", "completion": "...", "weight": 1.0}
+  {"kind": "pair",  "prompt": "...", "chosen": "...", "rejected": "...", "weight": 1.0}
+  {"kind": "group", "prompt": "...", "weight": 1.0, "samples": [
+      {"completion": "...", "reward": 1.0, "token_ids": [...] | null, "logprobs": [...] | null}, ...]}
 `prompt` is the task prompt as stored (no chat markup): the child renders it with
 records.chat_messages(prompt, system_prompt) and the tokenizer's chat template, exactly as
-generation does. `weight` is the sampling weight of the row (rows with weight 0 are dropped)."""
+generation does. `weight` is the sampling weight of the row (rows with weight 0 are dropped). A
+group is one task's answers sampled by the incumbent for the policy-gradient stage; `token_ids`
+and `logprobs` are the sampled tokens and the sampler's log-probability of each (temperature 1)."""
+
+KINDS = ("sft", "pair", "group")
 
 
-def write_round_data(path: Path, sft: list[SftRecord], pairs: list[PairRecord]) -> Path:
-    """Write a round's SFT examples and pairs in DATA_FORMAT; returns `path`."""
+def write_round_data(path: Path, sft: list[SftRecord], pairs: list[PairRecord], groups: list[GroupRecord] = ()) -> Path:
+    """Write a round's SFT examples, pairs and groups in DATA_FORMAT; returns `path`."""
     with open(path, "w") as f:
         for r in sft:
             f.write(json.dumps({"kind": "sft", "prompt": r.prompt, "completion": r.completion, "weight": r.weight}) + "\n")
         for r in pairs:
             f.write(json.dumps({"kind": "pair", "prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected, "weight": r.weight}) + "\n")
+        for g in groups:
+            samples = [{"completion": s.completion, "reward": s.reward, "token_ids": s.token_ids, "logprobs": s.logprobs}
+                       for s in g.samples]
+            f.write(json.dumps({"kind": "group", "prompt": g.prompt, "weight": g.weight, "samples": samples}) + "\n")
     return path
 
 
-def read_round_data(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """SFT rows and pairs of a round's data file (rows with weight 0 are dropped); ValueError
-    names the line of a row of unknown kind."""
-    sft, pairs = [], []
+def read_round_data(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows of a round's data file by kind ("sft", "pair", "group"; rows with weight 0 are
+    dropped); ValueError names the line of a row of unknown kind."""
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -50,13 +60,10 @@ def read_round_data(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
             row.setdefault("weight", 1.0)
             if row["weight"] <= 0:
                 continue
-            if row.get("kind") == "sft":
-                sft.append(row)
-            elif row.get("kind") == "pair":
-                pairs.append(row)
-            else:
-                raise ValueError(f"{path}:{n}: unknown row kind {row.get('kind')!r} (expected 'sft' or 'pair')")
-    return sft, pairs
+            if row.get("kind") not in out:
+                raise ValueError(f"{path}:{n}: unknown row kind {row.get('kind')!r} (expected one of {', '.join(KINDS)})")
+            out[row["kind"]].append(row)
+    return out
 
 
 class RoundSpec(BaseModel):

@@ -161,7 +161,8 @@ def test_read_data_drops_zero_weight_and_rejects_unknown_kinds(tmp_path):
         '{"kind": "sft", "prompt": "a", "completion": "c"}\n\n'
         '{"kind": "pair", "prompt": "a", "chosen": "c", "rejected": "d", "weight": 0.5}\n'
     )
-    sft, pairs = read_data(p)
+    data = read_data(p)
+    sft, pairs = data["sft"], data["pair"]
     assert [r["completion"] for r in sft] == ["c"] and sft[0]["weight"] == 1.0
     assert len(pairs) == 1
     p.write_text('{"kind": "kto", "prompt": "a"}\n')

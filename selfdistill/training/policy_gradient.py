@@ -1,0 +1,237 @@
+"""The policy-gradient stage, inside the training child: GRPO-family training of the LoRA on the
+incumbent's own samples (the round's groups, see spec.DATA_FORMAT).
+
+Offline and on-policy for one round: every answer was sampled by the incumbent this round; the
+stage takes `passes` optimisation passes over them. Per answer token t of sample i:
+
+    ratio_t   = exp(logp_theta(t) - logp_old(t))           logp_old: the incumbent, in this trainer
+    loss_t    = -min(ratio_t * A_i, clip(ratio_t, 1 - eps, 1 + eps_high) * A_i) * w_t
+                + kl_beta * (exp(ref_t - logp_theta(t)) - (ref_t - logp_theta(t)) - 1)
+    w_t       = min(exp(logp_old(t) - logp_sampler(t)), sampler_ratio_cap)
+
+A_i is the group-relative advantage (rl.group_advantages). `logp_old` is computed here once, before
+any stage trains (the model is then the incumbent), so an SFT stage earlier in the round does not
+move it: the ratio's clip keeps the whole round within a trust region of the policy that sampled.
+`logp_sampler` is what the engine reported at generation (stored in the store's sample_logprobs):
+w_t is the truncated importance weight for the engine/trainer mismatch (bf16 vLLM against a float32
+trainer). Samples without it get w_t = 1 (`missing_logprobs = "recompute"`) or the stage is skipped
+(`"skip"`). All log-probabilities are of the model at temperature 1 at both ends.
+
+The reference of the KL term is `training.reference`: the incumbent (its log-probabilities are the
+`logp_old` ones) or the base (adapters disabled, computed once).
+
+Logged per step: loss, grad_norm, ratio_mean, clip_fraction (tokens whose ratio was clipped in the
+direction of their advantage), kl (k3 estimate to the reference), entropy (mean token entropy);
+`PolicyGuard` fails the stage on a NaN, an exploding gradient or ratio, or an entropy collapse.
+
+One process only: the configuration refuses an RL stage with num_processes > 1.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from selfdistill.errors import TrainingError
+from selfdistill.records import chat_messages
+from selfdistill.training.rl import LOSS_NORMALISATION, PolicyGuard, group_advantages
+
+
+class StageSkipped(TrainingError):
+    """The stage has nothing to learn from; the message is the reason."""
+
+
+@dataclass
+class Example:
+    ids: list[int]  # prompt + answer tokens
+    prompt_len: int
+    advantage: float
+    sampler: list[float] | None  # the engine's log-probability of each answer token
+    reward: float
+    old: Any = None  # tensor [answer tokens]: the incumbent's log-probabilities, in this trainer
+    ref: Any = None  # tensor [answer tokens]: the reference's (kl_beta > 0)
+
+
+def prepare(spec, tok, model, groups: list[dict[str, Any]]) -> tuple[list[Example], dict[str, Any]]:
+    """Examples of the round's groups with the incumbent's log-probabilities; call before any stage trains.
+
+    StageSkipped when too few groups are left, or samples lack stored log-probabilities and the
+    policy says skip."""
+    from selfdistill.engines.local import render
+
+    tc = spec.training_config()
+    rl = tc.rl
+    if len(groups) < rl.min_groups:
+        raise StageSkipped(f"{len(groups)} groups with differing rewards < training.rl.min_groups {rl.min_groups}")
+    examples: list[Example] = []
+    missing = too_long = 0
+    prompts: dict[str, list[int]] = {}
+    for g in groups:
+        samples = g["samples"]
+        advs = group_advantages([float(s["reward"]) for s in samples], rl.variant)
+        if g["prompt"] not in prompts:
+            prompts[g["prompt"]] = render(tok, chat_messages(g["prompt"], spec.system_prompt))
+        p_ids = prompts[g["prompt"]]
+        for s, a in zip(samples, advs):
+            ids, lps = s.get("token_ids"), s.get("logprobs")
+            if ids is None or lps is None or len(ids) != len(lps):
+                missing += 1
+                ids, lps = tok(s["completion"], add_special_tokens=False)["input_ids"], None
+            room = tc.max_length - len(p_ids)
+            if room < 1 or not ids:
+                too_long += 1
+                continue
+            ids, lps = ids[:room], (lps[:room] if lps is not None else None)
+            if abs(a) < 1e-12:
+                continue  # no gradient: the answer's reward is its group's mean
+            examples.append(Example(list(p_ids) + list(ids), len(p_ids), a, lps, float(s["reward"])))
+    n = sum(len(g["samples"]) for g in groups)
+    if missing and rl.missing_logprobs == "skip":
+        raise StageSkipped(f"{missing} of {n} samples have no stored sampling log-probabilities "
+                           "(older rounds, or an engine that cannot return them) and training.rl.missing_logprobs = 'skip'")
+    if not examples:
+        raise StageSkipped(f"none of the {n} samples is trainable within training.max_length = {tc.max_length} tokens")
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        for batch in _batches(examples, tc.batch_size):
+            for ex, lp in zip(batch, _answer_logps(model, batch)[0]):
+                ex.old = lp.float()
+        if rl.kl_beta > 0:
+            if tc.reference == "incumbent":  # the incumbent sampled: its log-probabilities are logp_old
+                for ex in examples:
+                    ex.ref = ex.old
+            else:
+                with model.disable_adapter():
+                    for batch in _batches(examples, tc.batch_size):
+                        for ex, lp in zip(batch, _answer_logps(model, batch)[0]):
+                            ex.ref = lp.float()
+    rewards = [float(s["reward"]) for g in groups for s in g["samples"]]
+    info = {"grpo_groups": len(groups), "grpo_samples": n, "grpo_examples": len(examples),
+            "grpo_missing_logprobs": missing, "grpo_too_long": too_long,
+            "grpo_group_reward_mean": round(sum(rewards) / len(rewards), 4)}
+    return examples, info
+
+
+def _batches(examples: list[Example], size: int):
+    for i in range(0, len(examples), size):
+        yield examples[i:i + size]
+
+
+def _answer_logps(model, batch: list[Example], entropy: bool = False):
+    """Per example, the log-probability of each answer token (a tensor), and the mean token entropy
+    over the batch's answer tokens (a scalar tensor, when asked)."""
+    import torch
+
+    width = max(len(ex.ids) for ex in batch)
+    pad = 0
+    ids = torch.tensor([ex.ids + [pad] * (width - len(ex.ids)) for ex in batch])
+    mask = torch.tensor([[1] * len(ex.ids) + [0] * (width - len(ex.ids)) for ex in batch])
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    tok_lp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    out = [tok_lp[b, ex.prompt_len - 1:len(ex.ids) - 1] for b, ex in enumerate(batch)]
+    ent = None
+    if entropy:
+        sel = torch.zeros_like(tok_lp, dtype=torch.bool)
+        for b, ex in enumerate(batch):
+            sel[b, ex.prompt_len - 1:len(ex.ids) - 1] = True
+        h = -(logp_all.exp() * logp_all).sum(-1)
+        ent = h[sel].mean()
+    return out, ent
+
+
+def token_loss(lp, ex: Example, rl):
+    """(per-token loss, importance ratio, per-token KL or None) of one answer; `lp` its tokens'
+    log-probabilities under the policy being trained (see the module's formula)."""
+    import torch
+
+    ratio = torch.exp(lp - ex.old)
+    a = ex.advantage
+    clipped = torch.clamp(ratio, 1 - rl.clip_epsilon, 1 + rl.clip_epsilon_high)
+    per_tok = -torch.min(ratio * a, clipped * a)
+    if ex.sampler is not None:
+        per_tok = per_tok * torch.exp(ex.old - torch.tensor(ex.sampler)).clamp(max=rl.sampler_ratio_cap)
+    kl = None
+    if rl.kl_beta > 0:
+        d = ex.ref - lp
+        kl = torch.exp(d) - d - 1
+        per_tok = per_tok + rl.kl_beta * kl
+    return per_tok, ratio, kl
+
+
+def train(spec, model, examples: list[Example], log: list[dict[str, float]], inject_nan_at: int | None = None) -> int:
+    """Optimise the LoRA on `examples` for `passes` passes; the number of optimizer steps.
+
+    Raises TrainingError (via the caller's RoundFailed) with the guard's reason."""
+    import torch
+
+    tc = spec.training_config()
+    rl = tc.rl
+    guard = PolicyGuard(explode_grad_norm=tc.explode_grad_norm, max_ratio=rl.max_ratio, min_entropy=rl.min_entropy)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=rl.learning_rate or tc.learning_rate / 4, weight_decay=0.0)
+    norm = LOSS_NORMALISATION[rl.variant]
+    longest = max(len(ex.ids) - ex.prompt_len for ex in examples)
+    rng = random.Random(spec.seed)
+    micro = tc.batch_size
+    per_step = micro * tc.grad_accum
+    step = 0
+    model.train()
+    for _ in range(rl.passes):
+        order = list(examples)
+        rng.shuffle(order)
+        for s in range(0, len(order), per_step):
+            chunk = order[s:s + per_step]
+            if inject_nan_at is not None and step == inject_nan_at:
+                params[0].data.fill_(math.nan)
+            opt.zero_grad(set_to_none=True)
+            tokens = sum(len(ex.ids) - ex.prompt_len for ex in chunk)
+            stats = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}
+            for mb in _batches(chunk, micro):
+                logps, ent = _answer_logps(model, mb, entropy=True)
+                total = 0.0
+                for ex, lp in zip(mb, logps):
+                    per_tok, ratio, kl = token_loss(lp, ex, rl)
+                    a = ex.advantage
+                    if kl is not None:
+                        stats["kl"] += float(kl.detach().sum())
+                    if norm == "answer_mean":
+                        total = total + per_tok.mean() / len(chunk)
+                    elif norm == "constant":
+                        total = total + per_tok.sum() / (len(chunk) * longest)
+                    else:
+                        total = total + per_tok.sum() / tokens
+                    r = ratio.detach()
+                    stats["ratio"] += float(r.sum())
+                    stats["clipped"] += float((((r < 1 - rl.clip_epsilon) & (a < 0)) | ((r > 1 + rl.clip_epsilon_high) & (a > 0))).sum())
+                    stats["tokens"] += len(lp)
+                total.backward()
+                stats["loss"] += float(total.detach())
+                stats["entropy"] += float(ent.detach()) * len(mb) / len(chunk)
+            grad = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            entry = {"loss": stats["loss"], "grad_norm": grad, "ratio_mean": stats["ratio"] / max(1, stats["tokens"]),
+                     "clip_fraction": stats["clipped"] / max(1, stats["tokens"]), "kl": stats["kl"] / max(1, stats["tokens"]),
+                     "entropy": stats["entropy"], "step": step + 1}
+            log.append(entry)
+            reason = guard.observe(entry, step + 1)
+            if reason:
+                raise TrainingError(reason)
+            opt.step()
+            step += 1
+    return step
+
+
+def stage_metrics(log: list[dict[str, float]]) -> dict[str, Any]:
+    """The stage's figures for the result: clip fraction and KL per step summarised, entropy first and last."""
+    if not log:
+        return {}
+    m: dict[str, Any] = {"grpo_clip_fraction": round(sum(e["clip_fraction"] for e in log) / len(log), 4),
+                         "grpo_kl": round(sum(e["kl"] for e in log) / len(log), 6),
+                         "grpo_ratio_mean": round(sum(e["ratio_mean"] for e in log) / len(log), 4),
+                         "grpo_entropy_first": round(log[0]["entropy"], 4), "grpo_entropy_last": round(log[-1]["entropy"], 4),
+                         "grpo_loss_first": log[0]["loss"], "grpo_loss_last": log[-1]["loss"]}
+    return m
