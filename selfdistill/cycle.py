@@ -590,7 +590,7 @@ class Cycle:
                                            "sft_ids": [r.id for r in data.sft], "pair_ids": [r.id for r in data.pairs]})
                 self.store.mark_data_used(rid, [r.id for r in data.sft], [r.id for r in data.pairs])
                 self.store.update_round(rid, candidate_id=ckpt_id)
-                self.store.merge_round_metrics(rid, {"training": result.metrics})
+                self.store.merge_round_metrics(rid, {"training": result.metrics, **_rl_figures(group_counts, result.metrics)})
                 self.store.record_phase(rid, "train", t0, {**counts, **_numeric(result.metrics)}, "evaluate")
             self.run.train_requested = False
             shutil.rmtree(work, ignore_errors=True)
@@ -867,6 +867,16 @@ def _acc(m: dict) -> str:
     if m.get("accuracy") is None:
         return "-"
     return f"{m['accuracy']:.3f} [{m.get('ci_low', 0):.3f},{m.get('ci_high', 0):.3f}]"
+
+
+def _rl_figures(counts: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The round's policy-gradient figures for the report and status: mean reward and pass rate of
+    the samples, clip fraction and KL of the steps (nothing where no RL stage trained)."""
+    if "grpo_steps" not in metrics:
+        return {}
+    return {"rl": {"reward_mean": counts.get("reward_mean"), "pass_rate": counts.get("pass_rate"),
+                   "clip_fraction": metrics.get("grpo_clip_fraction"), "kl": metrics.get("grpo_kl"),
+                   "entropy": metrics.get("grpo_entropy_last")}}
 
 
 def _numeric(d: dict[str, Any]) -> dict[str, Any]:

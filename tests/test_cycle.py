@@ -271,3 +271,29 @@ def test_a_reloaded_policy_takes_effect_at_the_next_round_boundary(make_cycle):
         LOGGER.handlers[:] = []
         LOGGER.setLevel("NOTSET")
         LOGGER.propagate = True
+
+
+def test_a_policy_gradient_round_trains_on_the_rounds_own_samples_with_their_logprobs(make_cycle):
+    """grpo through the cycle: the generate phase stores each answer's tokens and log-probabilities,
+    the train phase hands the round's groups (train split only) to the child, the figures reach
+    the round's metrics; a collect round's samples are pruned after keep_logprobs_rounds."""
+    cyc = make_cycle({"tasks": {"per_round": 8}, "training": {"algorithm": "sft_then_grpo", "rl": {"min_groups": 1, "keep_logprobs_rounds": 1}},
+                      "generation": {"temperature": 1.0}})
+    rnd = cyc.run_round()
+    assert rnd.decision == "promote", rnd.reasons
+    gens = cyc.store.generations(rnd.id)
+    stored = cyc.store.sample_logprobs(rnd.id)
+    assert len(stored) == len(gens)
+    for g in gens:
+        ids, lps = stored[g["id"]]
+        assert len(ids) == len(lps) == g["completion_tokens"] and all(lp <= 0 for lp in lps)
+    run = cyc.store.training_runs(rnd.id)[-1]
+    m = run["metrics"]
+    assert m["grpo_steps"] > 0 and m["sft_steps"] > 0 and m["grpo_missing_logprobs"] == 0, m
+    assert m["grpo_groups"] >= 1
+    rl = cyc.store.get_round(rnd.id).metrics["rl"]
+    assert set(rl) == {"reward_mean", "pass_rate", "clip_fraction", "kl", "entropy"}
+    # the next round's pair phase prunes what no RL stage will use any more
+    _policy_with(cyc, schedule={"train_min_new_pairs": 10**6})
+    cyc.run_round()
+    assert cyc.store.sample_logprobs(rnd.id) == {}

@@ -24,107 +24,17 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from learning_helpers import LORA, ROUNDS, Evaluator, bootstrapped, continue_sft, rows, sft_rows, summary, write_policy
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bootstrap import Evaluator, bootstrap, build_model, continue_sft, disjoint, rg_tasks, sft_rows, summary  # noqa: E402
-
-from selfdistill.stats import discordant, mcnemar_one_sided  # noqa: E402
+from selfdistill.stats import discordant, mcnemar_one_sided
 
 pytestmark = pytest.mark.slow
-
-WORDS = {"min_word_len": 3, "max_word_len": 5}
-TASK_SEED, TASK_SIZE, HELDOUT_FRACTION = 1, 2000, 0.15
-BOOT_SEED, BOOT_SIZE, BOOT_STEPS = 100_000, 250, 250  # reasoning-gym seeds item i with seed + i: keep the ranges apart
-ROUNDS = 3
-
-TRAINING = """
-algorithm = "sft"
-learning_rate = 3e-3
-epochs = 8
-batch_size = 8
-max_length = 128
-data_scope = "all"
-min_sft_examples = 8
-threads = 1
-time_limit_s = 300
-"""
-LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear"}
-
-
-def write_policy(tmp: Path, model_dir: Path) -> Path:
-    p = tmp / "learn.toml"
-    p.write_text(f"""
-name = "tiny-learns"
-state_dir = "state"
-[student]
-base_model = "{model_dir}"
-lora = {{ r = {LORA['r']}, alpha = {LORA['alpha']}, dropout = 0.0, target_modules = "all-linear" }}
-[engine]
-kind = "transformers"
-dtype = "float32"
-max_model_len = 128
-batch_size = 256
-threads = 1
-release_for_training = "keep"
-[tasks]
-heldout_fraction = {HELDOUT_FRACTION}
-per_round = 500
-[[tasks.sources]]
-type = "reasoning_gym"
-dataset = "spell_backward"
-config = {{ min_word_len = {WORDS['min_word_len']}, max_word_len = {WORDS['max_word_len']} }}
-seed = {TASK_SEED}
-size = {TASK_SIZE}
-[generation]
-samples_per_task = 8
-temperature = 1.0
-max_tokens = 8
-[pairs]
-strategy = "verified_chosen"
-sft_from = "verified"
-max_sft_per_task = 2
-[training]
-{TRAINING}
-[evaluation]
-heldout_items = 300
-max_tokens = 8
-anchor_prompts = ["abc", "hello"]
-anchor_max_tokens = 8
-[gates]
-test = "mcnemar"
-alpha = 0.1
-min_gain = 0.0
-max_anchor_nll_increase = 1000.0
-max_empty_fraction = 1.0
-max_repetition = 1.0
-max_length_ratio = 1000.0
-max_category_regression = 1.0
-[schedule]
-idle_sleep_s = 0.1
-[stopping]
-stop_when_tasks_exhausted = true
-[logging]
-format = "json"
-""")
-    return p
-
-
-def _rows(db: Path, sql: str) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql)]
-    finally:
-        con.close()
 
 
 def test_loop_beats_base_and_matched_steps_control(tmp_path):
@@ -134,10 +44,7 @@ def test_loop_beats_base_and_matched_steps_control(tmp_path):
     from selfdistill.operations import open_state
 
     # 1. bootstrap: full weights, a small set disjoint from every task the daemon will see
-    daemon_tasks = rg_tasks("spell_backward", TASK_SEED, TASK_SIZE, WORDS)
-    boot = disjoint(rg_tasks("spell_backward", BOOT_SEED, BOOT_SIZE, WORDS), daemon_tasks)
-    model = build_model(tmp_path / "model")
-    boot_info = bootstrap(model, sft_rows(boot), BOOT_STEPS, batch_size=32, lr=3e-3, threads=1, log_every=100)
+    model, boot_info, boot = bootstrapped(tmp_path / "model")
     timings["bootstrap_s"] = time.time() - t_start
 
     # 2. the real daemon, as a process, for ROUNDS rounds
@@ -152,15 +59,15 @@ def test_loop_beats_base_and_matched_steps_control(tmp_path):
     assert proc.returncode in (0, 10), daemon_log[-3000:]
 
     db = tmp_path / "state" / "selfdistill.db"
-    rounds = _rows(db, "SELECT id, decision, metrics, reasons FROM rounds ORDER BY id")
-    ckpts = {r["id"]: r for r in _rows(db, "SELECT id, parent_id, path, status, is_current, training FROM checkpoints")}
+    rounds = rows(db, "SELECT id, decision, metrics, reasons FROM rounds ORDER BY id")
+    ckpts = {r["id"]: r for r in rows(db, "SELECT id, parent_id, path, status, is_current, training FROM checkpoints")}
     current = next(c for c in ckpts.values() if c["is_current"])
     lineage_steps = []
     c = current
     while c["id"] != "base":
         lineage_steps.insert(0, json.loads(c["training"])["metrics"]["sft_steps"])
         c = ckpts[c["parent_id"]]
-    runs = _rows(db, "SELECT round_id, status, metrics FROM training_runs ORDER BY id")
+    runs = rows(db, "SELECT round_id, status, metrics FROM training_runs ORDER BY id")
     all_steps = sum(json.loads(r["metrics"] or "{}").get("sft_steps", 0) for r in runs)
 
     # 3. the matched-steps control: the daemon's trainer, the bootstrap data, the lineage's steps
