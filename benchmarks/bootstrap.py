@@ -203,6 +203,27 @@ class Evaluator:
             self.engine.drop_adapter(name)
         return [it.correct for it in res.items]
 
+    def pass_rates(self, tasks: Sequence[Task], adapter_dir: Path | None = None, k: int = 8, temperature: float = 1.0,
+                   seed: int = 0) -> list[float]:
+        """Per task, the share of `k` answers sampled at `temperature` that are correct (pass@1 at T):
+        what a policy gradient on T = 1 samples optimises. The same seed for every model compared."""
+        from selfdistill.config import ScoringConfig
+        from selfdistill.engines.base import AdapterRef, SamplingParams
+        from selfdistill.scoring.verifiers import resolve_verifier
+
+        name = None
+        if adapter_dir is not None:
+            self._n += 1
+            name = f"eval-{self._n}"
+            self.engine.load_adapter(AdapterRef(name=name, path=str(adapter_dir)))
+        sc = ScoringConfig()
+        prompts = [chat_messages(t.prompt + self.prompt_suffix, self.system_prompt) for t in tasks]
+        outs = self.engine.generate(prompts, SamplingParams(n=k, temperature=temperature, max_tokens=self.max_tokens, seed=seed),
+                                    adapter=name)
+        if name is not None:
+            self.engine.drop_adapter(name)
+        return [sum(bool(resolve_verifier(t, "auto", sc, ())(c.text, t).correct) for c in cs) / k for t, cs in zip(tasks, outs)]
+
     def close(self) -> None:
         self.engine.close()
 

@@ -254,7 +254,7 @@ class PairsConfig(_Model):
     sft_from: Literal["verified", "top", "none"] = Field("verified", description="SFT examples: verified-correct answers, the top-scored, or none.")
     max_sft_per_task: int = Field(2, ge=0, description="Cap of SFT examples taken from one task per round.")
     weights: dict[str, float] = Field(
-        default_factory=lambda: {"verifier": 1.0, "teacher": 0.7, "self": 0.4},
+        default_factory=lambda: {"verifier": 1.0, "teacher": 0.7, "reward_model": 0.5, "self": 0.4},
         description="Weight of a pair by the source of its signal.",
     )
 
@@ -296,6 +296,18 @@ class RLConfig(_Model):
     keep_logprobs_rounds: int = Field(2, ge=1, description="Retention: stored sampling log-probabilities older than this many rounds are dropped.")
 
 
+class RewardModelConfig(_Model):
+    """A LoRA reward head trained on the store's pairs; where healthy, it scores answers of tasks without a verifier."""
+
+    enabled: bool = Field(False, description="Train a reward model in each training round and score verifier-less tasks with it.")
+    min_pairs: int = Field(16, ge=2, description="Fewer training pairs than this: no reward model this round.")
+    min_heldout_pairs: int = Field(8, ge=1, description="Fewer held-out pairs than this: no reward model (its accuracy would mean nothing).")
+    heldout_fraction: float = Field(0.25, gt=0, lt=1, description="Share of the tasks whose pairs measure the reward model (split by task).")
+    min_accuracy: float = Field(0.65, ge=0.5, le=1, description="Health: least held-out pair accuracy; below it the model scores nothing.")
+    epochs: float = Field(2.0, gt=0, le=100, description="Epochs over the training pairs.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Learning rate of the reward head's LoRA.")
+
+
 RL_STAGES = ("grpo",)
 
 
@@ -335,6 +347,7 @@ class TrainingConfig(_Model):
     seed: int = Field(0, description="Training seed.")
     max_retries: int = Field(1, ge=0, description="A failed round is retried this many times before being given up.")
     rl: RLConfig = Field(default_factory=RLConfig, description="The policy-gradient stage (grpo, sft_then_grpo).")
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig, description="A reward model learned from the pairs.")
 
     def stages(self) -> list[str]:
         """The stages a round runs, in order."""
@@ -528,8 +541,10 @@ class Policy(_Model):
             )
         if self.engine.kind == "openai" and self.engine.server is None:
             problems.append("engine.kind = 'openai' needs an [engine.server] table")
-        if not self.scoring.use_verifier and not self.scoring.self_judge.enabled and not self.scoring.teacher_judge.enabled:
-            problems.append("no scorer is enabled: set scoring.use_verifier, scoring.self_judge.enabled or scoring.teacher_judge.enabled")
+        if not (self.scoring.use_verifier or self.scoring.self_judge.enabled or self.scoring.teacher_judge.enabled
+                or self.training.reward_model.enabled):
+            problems.append("no scorer is enabled: set scoring.use_verifier, scoring.self_judge.enabled, scoring.teacher_judge.enabled "
+                            "or training.reward_model.enabled")
         if self.gates.min_gain >= 1.0:
             problems.append("gates.min_gain = 1.0 can never pass: a candidate cannot gain more than 100 points")
         if self.gates.test != "none" and self.gates.alpha < 1.0:

@@ -419,6 +419,7 @@ class Cycle:
                 a[1] += 1.0 if res.correct else 0.0
         judged, health, events = self.judge_scores(rid, tasks, gens, verdicts)
         score_rows += judged
+        score_rows += self.reward_model_scores(tasks, [g for g in gens if g["id"] not in verdicts])
         with self.store.transaction():
             for h in health:
                 self.store.add_judge_health(**h)
@@ -431,6 +432,61 @@ class Cycle:
         n_ver = sum(1 for r in score_rows if r["scorer"].startswith("verifier"))
         self.say(rid, "score", scores=len(score_rows), correct=f"{n_correct}/{n_ver}",
                  pass_rate=round(n_correct / n_ver, 3) if n_ver else None)
+
+    def reward_model_scores(self, tasks: dict[int, Task], gens: list[dict]) -> list[dict[str, Any]]:
+        """Scores of the latest reward model for answers no verifier judged, where it is healthy
+        (its held-out pair accuracy reached training.reward_model.min_accuracy); none otherwise."""
+        rm = self.policy.training.reward_model
+        h = self.store.latest_judge_health("reward_model") if rm.enabled and gens else None
+        if h is None or not h["healthy"]:
+            return []
+        path = Path(h["details"]["path"])
+        if not (path / "adapter_model.safetensors").is_file():
+            log("reward model missing", logging.WARNING, path=str(path))
+            return []
+        if getattr(self, "_reward_scorer", (None, None))[0] != path:
+            from selfdistill.training.reward_model import RewardScorer
+
+            self._reward_scorer = (path, RewardScorer(self.model_dir, path, self.policy.student.system_prompt,
+                                                      self.policy.training.max_length, self.policy.training.threads))
+        scorer = self._reward_scorer[1]
+        values = scorer.score([self.prompt_text(tasks[g["task_id"]]) for g in gens], [g["text"] for g in gens])
+        return [{"generation_id": g["id"], "scorer": f"reward_model:{path.name}", "score": v, "correct": None,
+                 "details": {"agreement": h["agreement"]}} for g, v in zip(gens, values)]
+
+    def train_reward_model(self, rid: int, attempt: int, work: Path) -> None:
+        """Train a reward model on every train-split pair so far (training.reward_model) and record its
+        health; a skipped or failed one leaves the last recorded model as it was."""
+        from selfdistill.training.child import run_training_child
+        from selfdistill.training.spec import RoundSpec, write_round_data
+
+        tr = self.policy.training
+        pairs = self.store.training_data(rid, "all").pairs
+        out = self.state_dir / "reward_models" / f"rm-{rid:06d}-{attempt}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # an attempt killed before it was recorded
+        spec = RoundSpec(
+            round_id=rid, attempt=attempt, purpose="reward_model", base_model_dir=str(self.model_dir), incumbent_adapter_dir=None,
+            output_dir=str(out), data_path=str(write_round_data(work / "rm-data.jsonl", [], pairs)),
+            system_prompt=self.policy.student.system_prompt, training=tr.model_dump(mode="json"),
+            lora=self.policy.student.lora.model_dump(mode="json"), result_path=str(work / "rm-result.json"), threads=tr.threads,
+            seed=tr.seed, hf_home=str(self.state_dir / "cache" / "hf"))
+        res = run_training_child(spec, time_limit_s=tr.time_limit_s, stop_event=self.run.cold_stop, on_poll=self.run.beat)
+        if self.run.cold_stop.is_set():
+            raise StopRequested("cold stop during reward-model training")
+        m = res.metrics
+        if res.status == "succeeded":
+            self.store.add_judge_health("reward_model", bool(m.get("rm_healthy")), m.get("rm_accuracy"), None, None,
+                                        {"path": str(out), "heldout_pairs": m.get("rm_heldout_pairs"), "train_pairs": m.get("rm_train_pairs"),
+                                         "threshold": tr.reward_model.min_accuracy, "reasons": [res.reason] if res.reason else []},
+                                        round_id=rid)
+            if not m.get("rm_healthy"):
+                self.store.event("judge_unhealthy", f"reward model of round {rid} not used: {res.reason}", level="warning", round_id=rid)
+        else:
+            self.store.event("reward_model_" + res.status, f"round {rid}: reward model {res.status}: {res.reason}",
+                             level="warning" if res.status == "failed" else "info", round_id=rid)
+        self.say(rid, "train", reward_model=res.status, accuracy=m.get("rm_accuracy"), healthy=m.get("rm_healthy"),
+                 heldout_pairs=m.get("rm_heldout_pairs"))
 
     def judge_scores(self, rid: int, tasks: dict[int, Task], gens: list[dict], verdicts: dict[int, bool]):
         """Self- and teacher-judge scores from judges whose anchor check passed, with the health
@@ -527,7 +583,7 @@ class Cycle:
 
     def unhealthy_judges(self) -> set[str]:
         out = set()
-        for who in ("self", "teacher"):
+        for who in ("self", "teacher", "reward_model"):
             h = self.store.latest_judge_health(who)
             if h is not None and not h["healthy"]:
                 out.add(who)
@@ -573,6 +629,8 @@ class Cycle:
         self._training_run_id = self.store.start_training_run(rid, attempt, {**counts, "output": str(out_dir)})
         self.say(rid, "train", attempt=attempt, candidate=ckpt_id, **counts)
         self.serving.release("training")  # the engine comes back by itself at its next use
+        if tr.reward_model.enabled:
+            self.train_reward_model(rid, attempt, work)
         try:
             result = run_training_child(spec, launcher=tr.launcher, num_processes=tr.num_processes,
                                         time_limit_s=tr.time_limit_s, stop_event=self.run.cold_stop,

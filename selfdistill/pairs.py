@@ -36,7 +36,7 @@ from selfdistill.records import Candidate, GroupRecord, GroupSample, PairRecord,
 
 # Which signal wins when a task has candidates scored by several: the verifier first, then the
 # teacher, then the student's own judgment.
-SOURCE_RANK = ("verifier", "teacher", "self")
+SOURCE_RANK = ("verifier", "teacher", "reward_model", "self")
 
 
 def _tokens(text: str) -> list[str]:
@@ -102,7 +102,7 @@ def candidates_from_scores(scores: Iterable[dict], ignore_sources: set[str] = fr
     "self:..." or "teacher:..."; `score`, `correct`, `generation_id`, `task_id`, `text`,
     `completion_tokens`), grouped by task. Rows of a source in `ignore_sources` (an unhealthy
     judge) count for nothing. `candidate_from` ranks the signals: a verifier's verdict outranks
-    a judge's; a teacher's outranks the student's own."""
+    a judge's; among judges SOURCE_RANK decides (teacher, then a reward model, then the student's own)."""
     signals: dict[int, dict] = {}
     for s_ in scores:
         source = s_["scorer"].split(":")[0]
@@ -111,7 +111,7 @@ def candidates_from_scores(scores: Iterable[dict], ignore_sources: set[str] = fr
         sig = signals.setdefault(s_["generation_id"], {"row": s_})
         if source == "verifier":
             sig["verifier"] = (s_["score"], None if s_["correct"] is None else bool(s_["correct"]))
-        elif s_["score"] is not None and (source == "teacher" or "judge" not in sig):
+        elif s_["score"] is not None and ("judge" not in sig or _rank(source) < _rank(sig["judge"][1])):
             sig["judge"] = (s_["score"], source)
     by_task: dict[int, list[Candidate]] = {}
     for gid, sig in signals.items():
@@ -124,12 +124,16 @@ def candidates_from_scores(scores: Iterable[dict], ignore_sources: set[str] = fr
     return by_task
 
 
+def _rank(source: str) -> int:
+    return SOURCE_RANK.index(source) if source in SOURCE_RANK else len(SOURCE_RANK)
+
+
 def _usable(cands: list[Candidate]) -> list[Candidate]:
     """Scored candidates of the strongest signal source present, exact duplicates removed."""
     scored = [c for c in cands if c.score is not None]
     if not scored:
         return []
-    ranked = sorted({c.source for c in scored}, key=lambda s: SOURCE_RANK.index(s) if s in SOURCE_RANK else len(SOURCE_RANK))
+    ranked = sorted({c.source for c in scored}, key=_rank)
     best = [c for c in scored if c.source == ranked[0]]
     seen: set[str] = set()
     out = []
@@ -319,7 +323,7 @@ def build_groups(by_task: dict[int, list[Candidate]], prompts: dict[int, str], c
         if not sources:
             counts["dropped_samples"] += len(cands)
             continue
-        top = min(sources, key=lambda s: SOURCE_RANK.index(s) if s in SOURCE_RANK else len(SOURCE_RANK))
+        top = min(sources, key=_rank)
         samples = []
         for c in sorted(cands, key=lambda c: c.generation_id or 0):
             r = sample_reward(c, cfg, finish_reasons.get(c.generation_id), max_tokens) if c.source == top else None

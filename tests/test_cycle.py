@@ -297,3 +297,23 @@ def test_a_policy_gradient_round_trains_on_the_rounds_own_samples_with_their_log
     _policy_with(cyc, schedule={"train_min_new_pairs": 10**6})
     cyc.run_round()
     assert cyc.store.sample_logprobs(rnd.id) == {}
+
+
+def test_a_reward_model_trained_on_the_pairs_scores_tasks_no_verifier_judges(make_cycle):
+    """Round 1 (verifier on) trains a reward model on its pairs beside the policy and records its
+    held-out accuracy as judge health; round 2 turns the verifier off and runs the policy gradient:
+    the healthy reward model scores every answer, and those scores are the groups' rewards."""
+    rm = {"enabled": True, "min_pairs": 8, "min_heldout_pairs": 8, "min_accuracy": 0.65, "epochs": 4, "learning_rate": 3e-3}
+    cyc = make_cycle({"tasks": {"per_round": 40, "heldout_fraction": 0.2}, "pairs": {"strategy": "all_above_margin"},
+                      "training": {"reward_model": rm, "max_length": 160}, "generation": {"temperature": 1.0, "samples_per_task": 6}})
+    r1 = cyc.run_round()
+    h = cyc.store.latest_judge_health("reward_model")
+    assert h is not None and h["round_id"] == r1.id, r1.reasons
+    assert h["details"]["heldout_pairs"] >= 8 and h["agreement"] >= 0.65 and h["healthy"], h
+    _policy_with(cyc, scoring={"use_verifier": False}, training={"algorithm": "grpo", "rl": {"min_groups": 1}})
+    r2 = cyc.run_round()
+    scores = cyc.store.scores_for_round(r2.id)
+    assert scores and {s_["scorer"].split(":")[0] for s_ in scores} == {"reward_model"}
+    assert len(scores) == len(cyc.store.generations(r2.id)) and all(0 < s_["score"] < 1 for s_ in scores)
+    m = cyc.store.training_runs(r2.id)[-1]["metrics"]
+    assert m.get("grpo_steps", 0) > 0, (r2.reasons, m)

@@ -350,6 +350,8 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         metrics.update(examples=len(sft_rows), pairs=len(pair_rows))
         if groups:
             metrics["groups"] = len(groups)
+        if spec.purpose == "reward_model":
+            return _reward_model_round(spec, pair_rows, metrics, started)
         forced = _test_outcome(spec.round_id)
         if forced == "skip":
             return TrainingResult(status="skipped", reason="test hook: round skipped", metrics=metrics, stages=stages)
@@ -445,6 +447,28 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["duration_s"] = round(time.monotonic() - started, 3)
     return TrainingResult(status=status, reason=reason, metrics=metrics, stages=stages, adapter_dir=adapter)
+
+
+def _reward_model_round(spec: RoundSpec, pairs: list[dict[str, Any]], metrics: dict[str, Any], started: float) -> TrainingResult:
+    """Train and measure a reward model on the pairs (training/reward_model.py); save it atomically."""
+    import torch
+
+    from selfdistill.training.reward_model import run_reward_model
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    scratch = tempfile.mkdtemp(prefix=f".{spec.output_dir.name}.scratch-", dir=spec.output_dir.parent)
+    try:
+        status, reason, m, model = run_reward_model(spec, pairs, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    metrics.update(m)
+    adapter = None
+    if model is not None:
+        save_adapter(model, spec.output_dir)
+        adapter = spec.output_dir
+    metrics["duration_s"] = round(time.monotonic() - started, 3)
+    return TrainingResult(status=status, reason=reason, metrics=metrics, stages={"reward_model": status}, adapter_dir=adapter)
 
 
 def _environment(spec: RoundSpec) -> None:

@@ -72,6 +72,9 @@ class RoundSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     round_id: int = Field(..., description="Round this training belongs to.")
+    purpose: Literal["policy", "reward_model"] = Field(
+        "policy", description="Train the student's adapter, or a reward model on the pairs (training.reward_model)."
+    )
     attempt: int = Field(1, ge=1, description="Attempt number of this round's training.")
     base_model_dir: Path = Field(..., description="Hugging Face model directory of the base student.")
     incumbent_adapter_dir: Path | None = Field(
