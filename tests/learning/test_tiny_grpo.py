@@ -1,70 +1,61 @@
 """Reinforcement learning from the stored samples raises held-out accuracy beyond chance.
 
-The tiny char-level Llama bootstrapped on spell_backward (learning_helpers), then the real daemon
-as a process with `algorithm = "grpo"`: each round the incumbent answers 500 fresh tasks 8 times
-at T = 1 (the engine returns each token's log-probability, stored beside the answer), the verifier
-rewards them, and the training child runs the group-relative policy gradient on those groups alone
-(no SFT, no pairs). The daemon's own gate then tests the candidate against the incumbent on 300
-held-out items (paired, exact McNemar) and promotes only below alpha = 0.05.
+The real daemon as a process, `algorithm = "grpo"` and nothing else (no SFT, no pairs), on the
+tiny model exactly as built (random weights, no bootstrap): the task is any answer with a digit in
+it (the regex verifier), which a random model hits in about 45% of its samples at T = 1 and never
+greedily. Each round the incumbent answers 150 fresh tasks 8 times (the engine returns each token's
+log-probability, stored beside the answer), the verifier rewards them, and the training child runs
+the group-relative policy gradient on the round's groups. The daemon's own gate then tests the
+candidate against the incumbent on the held-out items (greedy, paired exact McNemar) and promotes
+only below alpha = 0.05. What can only be learnt from the rewards: no answer anywhere is given.
 
-Run: `.venv/bin/python -m pytest -q -s tests/learning/test_tiny_grpo.py`; it prints one
-`GRPO {...}` line with every round's figures.
+Measured (2026-12-02, 2 shared cores, 40 s): held-out 0.000 -> 0.599 (p = 8e-31) -> 1.000
+(p = 7e-21); the samples' pass rate 0.45 -> 0.76. The spell_backward comparison with SFT is
+benchmarks/rl.py (RESULTS.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
-import time
 
-import pytest
-from learning_helpers import bootstrapped, rows, write_policy
+from learning_helpers import rows
+from sd_testutil import merged, tiny_policy_data, write_policy
 
-pytestmark = pytest.mark.slow
-
-ROUNDS = 2
-TRAINING = """
-algorithm = "grpo"
-learning_rate = 3e-3
-batch_size = 32
-max_length = 128
-threads = 1
-time_limit_s = 300
-[training.rl]
-variant = "grpo"
-passes = 2
-learning_rate = 2e-3
-min_groups = 8
-"""
+WORDS = ["sea", "tree", "cat", "house", "river", "road", "star", "book", "song", "stone"]
 
 
-def test_grpo_from_stored_samples_beats_the_incumbent(tmp_path):
-    t0 = time.time()
-    model, boot_info, _ = bootstrapped(tmp_path / "model")
-    policy = write_policy(tmp_path, model, TRAINING, name="tiny-grpo", alpha=0.05)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def test_grpo_from_stored_samples_beats_the_incumbent(tmp_path, tiny_model_dir):
+    rng = random.Random(0)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Tell me about the {rng.choice(WORDS)} number {i}.", "category": "digits"}) + "\n"
+                             for i in range(600)))
+    policy = write_policy(tmp_path / "grpo.toml", merged(tiny_policy_data(tiny_model_dir, "transformers"), {
+        "tasks": {"per_round": 150, "heldout_fraction": 0.3, "sources": [{"type": "jsonl", "path": str(tasks)}]},
+        "generation": {"samples_per_task": 8, "temperature": 1.0, "max_tokens": 8},
+        "training": {"algorithm": "grpo", "batch_size": 32, "max_length": 96, "rl": {"min_groups": 4, "learning_rate": 5e-3, "passes": 4}},
+        "evaluation": {"heldout_items": 180, "max_tokens": 8},
+        "gates": {"test": "mcnemar", "alpha": 0.05, "min_gain": 0.0},
+    }))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     with open(tmp_path / "daemon.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "selfdistill", "run", str(policy), "--burst", "--max-rounds", str(ROUNDS)],
-                              cwd=tmp_path, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=900)
-    daemon_log = (tmp_path / "daemon.log").read_text()
-    assert proc.returncode in (0, 10), daemon_log[-3000:]
+        proc = subprocess.run([sys.executable, "-m", "selfdistill", "run", str(policy), "--burst", "--max-rounds", "2"],
+                              cwd=tmp_path, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode in (0, 10), (tmp_path / "daemon.log").read_text()[-3000:]
     db = tmp_path / "state" / "selfdistill.db"
-    rounds = rows(db, "SELECT id, decision, metrics, reasons FROM rounds ORDER BY id")
-    runs = rows(db, "SELECT round_id, status, metrics FROM training_runs ORDER BY id")
-    stored = rows(db, "SELECT count(*) AS n, sum(length(token_ids)) / 4 AS tokens FROM sample_logprobs")[0]
-    figures = []
-    for r, run in zip(rounds, runs):
-        m, tm = json.loads(r["metrics"] or "{}"), json.loads(run["metrics"] or "{}")
-        figures.append({"round": r["id"], "decision": r["decision"], "incumbent": m.get("incumbent_accuracy"),
-                        "candidate": m.get("candidate_accuracy"), "p": m.get("p_value"),
-                        **{k: tm.get(k) for k in ("grpo_groups", "grpo_examples", "grpo_missing_logprobs", "grpo_clip_fraction",
-                                                  "grpo_kl", "grpo_entropy_last", "grpo_group_reward_mean", "grpo_steps", "train_s")}})
-    print("\nGRPO " + json.dumps({"bootstrap": boot_info, "rounds": figures, "stored_logprobs": stored,
-                                  "seconds": round(time.time() - t0, 1)}))
-    assert runs and all(json.loads(r["metrics"])["grpo_missing_logprobs"] == 0 for r in runs if r["status"] == "succeeded"), runs
+    rounds = [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows(db, "SELECT id, decision, metrics FROM rounds ORDER BY id")]
+    runs = [json.loads(r["metrics"] or "{}") for r in rows(db, "SELECT metrics FROM training_runs WHERE status = 'succeeded'")]
+    passed = [r["p"] for r in rows(db, "SELECT g.round_id, avg(s.correct) AS p FROM scores s JOIN generations g ON g.id = s.generation_id "
+                                       "WHERE g.purpose = 'train' GROUP BY g.round_id ORDER BY g.round_id")]
+    figures = [{"round": r["id"], "decision": r["decision"], "incumbent": r["metrics"].get("incumbent_accuracy"),
+                "candidate": r["metrics"].get("candidate_accuracy"), "p": r["metrics"].get("p_value"), "rl": r["metrics"].get("rl")}
+               for r in rounds]
+    print("\nGRPO " + json.dumps({"rounds": figures, "sample_pass_rate": passed}))
+    assert runs and all(m["grpo_steps"] > 0 and m["grpo_missing_logprobs"] == 0 and "sft_steps" not in m for m in runs), runs
     promoted = [f for f in figures if f["decision"] == "promote"]
     assert promoted, figures
-    best = promoted[0]
-    assert best["p"] < 0.05 and best["candidate"] > best["incumbent"], figures
+    assert all(f["p"] < 0.05 and f["candidate"] > f["incumbent"] for f in promoted), figures
+    assert promoted[-1]["candidate"] >= figures[0]["incumbent"] + 0.3, figures
