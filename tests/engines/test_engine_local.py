@@ -134,3 +134,26 @@ def test_bad_model_dirs(kind, tmp_path, engine_cache):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelError, match="not a model directory"):
         make_engine(cfg, tmp_path, lora_rank=8, cache_dir=engine_cache)
+
+
+def test_sampled_tokens_and_logprobs_are_the_trainers_at_temperature_1(tiny_engine, tiny_dir):
+    """What the policy gradient's sampler correction rests on: with logprobs asked, each answer
+    carries its sampled token ids and each one's log-probability under the raw model (temperature 1,
+    whatever temperature sampled), equal to the trainer's own recomputation from the same ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfdistill.engines.local import render
+    from selfdistill.training.policy_gradient import Example, _answer_logps
+
+    out = tiny_engine.generate(CHAT[:2], SamplingParams(n=2, temperature=0.7, max_tokens=10, logprobs=True))
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    for chat, cs in zip(CHAT[:2], out):
+        p = render(tok, chat)
+        for c in cs:
+            assert len(c.token_ids) == len(c.logprobs) == c.completion_tokens
+            assert tok.decode(c.token_ids, skip_special_tokens=True).startswith(c.text)
+            with torch.no_grad():
+                (lp,), _ = _answer_logps(model, [Example(p + c.token_ids, len(p), 1.0, None, 0.0)])
+            assert lp.tolist() == pytest.approx(c.logprobs, abs=2e-2)
