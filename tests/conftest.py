@@ -25,3 +25,17 @@ def bundled_model_dir() -> Path:
     from selfdistill.models import prepare_bundled
 
     return prepare_bundled()
+
+
+@pytest.fixture(scope="session")
+def spell_bootstrap(tmp_path_factory):
+    """(model dir, figures, tasks) of the tiny char model bootstrapped on spell_backward
+    (tests/learning/learning_helpers.py), once per session: the learning test and the RL
+    benchmark's smoke run share it. Nothing may write into the model directory."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "learning"))
+    from learning_helpers import bootstrapped
+
+    return bootstrapped(tmp_path_factory.mktemp("spell") / "model")
+

@@ -16,3 +16,19 @@ def test_overhead_benchmark_runs():
     assert overhead["generations_per_round"] == 160 and overhead["pairs_per_round"] > 0
     assert set(overhead["last_round_phases_s"]) == {"sample", "generate", "score", "pair"}
     assert scale["rows"] == 3000 and set(scale["query_ms"]) >= {"rounds", "heldout_curve", "pair_stats", "throughput"}
+
+
+def test_rl_benchmark_runs(tmp_path, spell_bootstrap):
+    """benchmarks/rl.py end to end at toy sizes: the session's spell_backward bootstrap, one round
+    of two arms, every candidate measured on the audit split greedily and at T = 1."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rl.py"), "--out", str(tmp_path), "--rounds", "1", "--arms", "sft,grpo",
+                        "--per-round", "60", "--model", str(spell_bootstrap[0]), "--audit", "40", "--k", "2", "--alpha", "1.0"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "rl.json").read_text())
+    assert set(res["arms"]) == {"sft", "grpo"} and res["audit_items"] == 40
+    for arm in res["arms"].values():
+        for c in arm["candidates"].values():
+            assert c["audit"]["n"] == 40 and 0 <= c["pass_rate_T1"] <= 1
+    assert res["arms"]["sft"]["candidates"], res["arms"]["sft"]["rounds"]
+    assert "| sft | 1 | ckpt-000001 |" in (tmp_path / "rl.md").read_text()

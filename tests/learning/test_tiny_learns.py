@@ -30,21 +30,21 @@ import time
 from pathlib import Path
 
 import pytest
-from learning_helpers import LORA, ROUNDS, Evaluator, bootstrapped, continue_sft, rows, sft_rows, summary, write_policy
+from learning_helpers import LORA, ROUNDS, Evaluator, continue_sft, rows, sft_rows, summary, write_policy
 
 from selfdistill.stats import discordant, mcnemar_one_sided
 
 pytestmark = pytest.mark.slow
 
 
-def test_loop_beats_base_and_matched_steps_control(tmp_path):
+def test_loop_beats_base_and_matched_steps_control(tmp_path, spell_bootstrap):
     t_start = time.time()
     timings: dict[str, float] = {}
     from selfdistill.config import load_policy
     from selfdistill.operations import open_state
 
     # 1. bootstrap: full weights, a small set disjoint from every task the daemon will see
-    model, boot_info, boot = bootstrapped(tmp_path / "model")
+    model, boot_info, boot = spell_bootstrap
     timings["bootstrap_s"] = time.time() - t_start
 
     # 2. the real daemon, as a process, for ROUNDS rounds
