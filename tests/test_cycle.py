@@ -317,3 +317,16 @@ def test_a_reward_model_trained_on_the_pairs_scores_tasks_no_verifier_judges(mak
     assert len(scores) == len(cyc.store.generations(r2.id)) and all(0 < s_["score"] < 1 for s_ in scores)
     m = cyc.store.training_runs(r2.id)[-1]["metrics"]
     assert m.get("grpo_steps", 0) > 0, (r2.reasons, m)
+
+
+def test_a_checkpoint_is_measured_once_so_its_figure_as_incumbent_is_its_figure_as_candidate(make_cycle):
+    """One answer per model and item: round 2's incumbent is round 1's promoted candidate, and the
+    gate reuses its stored held-out answers instead of measuring it again (a second greedy pass
+    can disagree with the first where batch composition changes the arithmetic)."""
+    cyc = make_cycle()
+    r1, r2 = cyc.run_round(), cyc.run_round()
+    assert r1.decision == "promote", r1.reasons
+    assert r2.incumbent_id == r1.candidate_id
+    assert r2.metrics["incumbent_accuracy"] == r1.metrics["candidate_accuracy"]
+    runs = cyc.store.query("SELECT count(*) AS n FROM evaluations WHERE checkpoint_id = ? AND suite = 'heldout'", (r1.candidate_id,))
+    assert runs[0]["n"] == 1
