@@ -18,6 +18,7 @@ Run by hand (prints accuracy after bootstrapping; about a minute on 2 cores):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -34,6 +35,85 @@ from selfdistill.records import Task, TaskIn, chat_messages  # noqa: E402
 
 # The FIELD-NOTES toy: 0.87M parameters, head_dim 32 (the vLLM CPU build refuses smaller heads).
 TINY_SIZE = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512)
+
+# The spell_backward loop of tests/learning and benchmarks/rl.py: the daemon's tasks and the
+# bootstrap's (reasoning-gym seeds item i with seed + i: keep the ranges apart).
+SPELL_WORDS = {"min_word_len": 3, "max_word_len": 5}
+SPELL_TASK_SEED = 1
+SPELL_BOOT_SEED, SPELL_BOOT_SIZE, SPELL_BOOT_STEPS = 100_000, 250, 250
+
+
+def spell_policy(model_dir: Path, training: str, *, name: str, alpha: float, task_size: int, per_round: int = 500,
+                 audit_fraction: float = 0.0, lora: dict[str, Any] | None = None) -> str:
+    """The TOML of a daemon policy on the bootstrapped tiny model and spell_backward; `training` is
+    the body of its [training] table (sub-tables may follow)."""
+    lora = lora or {"r": 32, "alpha": 64}
+    audit = f"audit_fraction = {audit_fraction}\n" if audit_fraction else ""
+    return f"""
+name = "{name}"
+state_dir = "state"
+[student]
+base_model = "{model_dir}"
+lora = {{ r = {lora['r']}, alpha = {lora['alpha']}, dropout = 0.0, target_modules = "all-linear" }}
+[engine]
+kind = "transformers"
+dtype = "float32"
+max_model_len = 128
+batch_size = 256
+threads = 1
+release_for_training = "keep"
+[tasks]
+heldout_fraction = 0.15
+{audit}per_round = {per_round}
+[[tasks.sources]]
+type = "reasoning_gym"
+dataset = "spell_backward"
+config = {{ min_word_len = {SPELL_WORDS['min_word_len']}, max_word_len = {SPELL_WORDS['max_word_len']} }}
+seed = {SPELL_TASK_SEED}
+size = {task_size}
+[generation]
+samples_per_task = 8
+temperature = 1.0
+max_tokens = 8
+[pairs]
+strategy = "verified_chosen"
+sft_from = "verified"
+max_sft_per_task = 2
+[training]
+{training}
+[evaluation]
+heldout_items = 300
+max_tokens = 8
+anchor_prompts = ["abc", "hello"]
+anchor_max_tokens = 8
+[gates]
+test = "mcnemar"
+alpha = {alpha}
+min_gain = 0.0
+max_anchor_nll_increase = 1000.0
+max_empty_fraction = 1.0
+max_repetition = 1.0
+max_length_ratio = 1000.0
+max_category_regression = 1.0
+[schedule]
+idle_sleep_s = 0.1
+[stopping]
+stop_when_tasks_exhausted = true
+[logging]
+format = "json"
+"""
+
+
+def rows(db: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Rows of a query on a daemon's store, as dicts (read-only use)."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql, params)]
+    finally:
+        con.close()
 
 
 def rg_tasks(dataset: str, seed: int, size: int, config: dict[str, Any] | None = None) -> list[TaskIn]:
@@ -182,46 +262,49 @@ class Evaluator:
     def correct(self, tasks: Sequence[Task], adapter_dir: Path | None = None) -> list[bool]:
         """Per-task greedy correctness of the base (adapter_dir None) or an adapter."""
         from selfdistill.config import ScoringConfig
-        from selfdistill.engines.base import AdapterRef
         from selfdistill.evaluation import evaluate_heldout
         from selfdistill.scoring.verifiers import resolve_verifier
 
-        name = None
-        if adapter_dir is not None:
-            self._n += 1
-            name = f"eval-{self._n}"
-            self.engine.load_adapter(AdapterRef(name=name, path=str(adapter_dir)))
         sc = ScoringConfig()
 
         def verify(text: str, task: Task):
             r = resolve_verifier(task, "auto", sc, ())(text, task)
             return r.score, r.correct
 
-        res = evaluate_heldout(self.engine, name, tasks, verify,
-                               lambda t: chat_messages(t.prompt + self.prompt_suffix, self.system_prompt), self.max_tokens)
-        if name is not None:
-            self.engine.drop_adapter(name)
+        with self._adapter(adapter_dir) as name:
+            res = evaluate_heldout(self.engine, name, tasks, verify,
+                                   lambda t: chat_messages(t.prompt + self.prompt_suffix, self.system_prompt), self.max_tokens)
         return [it.correct for it in res.items]
+
+    @contextlib.contextmanager
+    def _adapter(self, adapter_dir: Path | None):
+        """The engine's name for `adapter_dir` (None: the base) while it is loaded."""
+        from selfdistill.engines.base import AdapterRef
+
+        if adapter_dir is None:
+            yield None
+            return
+        self._n += 1
+        name = f"eval-{self._n}"
+        self.engine.load_adapter(AdapterRef(name=name, path=str(adapter_dir)))
+        try:
+            yield name
+        finally:
+            self.engine.drop_adapter(name)
 
     def pass_rates(self, tasks: Sequence[Task], adapter_dir: Path | None = None, k: int = 8, temperature: float = 1.0,
                    seed: int = 0) -> list[float]:
         """Per task, the share of `k` answers sampled at `temperature` that are correct (pass@1 at T):
         what a policy gradient on T = 1 samples optimises. The same seed for every model compared."""
         from selfdistill.config import ScoringConfig
-        from selfdistill.engines.base import AdapterRef, SamplingParams
+        from selfdistill.engines.base import SamplingParams
         from selfdistill.scoring.verifiers import resolve_verifier
 
-        name = None
-        if adapter_dir is not None:
-            self._n += 1
-            name = f"eval-{self._n}"
-            self.engine.load_adapter(AdapterRef(name=name, path=str(adapter_dir)))
         sc = ScoringConfig()
         prompts = [chat_messages(t.prompt + self.prompt_suffix, self.system_prompt) for t in tasks]
-        outs = self.engine.generate(prompts, SamplingParams(n=k, temperature=temperature, max_tokens=self.max_tokens, seed=seed),
-                                    adapter=name)
-        if name is not None:
-            self.engine.drop_adapter(name)
+        with self._adapter(adapter_dir) as name:
+            outs = self.engine.generate(prompts, SamplingParams(n=k, temperature=temperature, max_tokens=self.max_tokens, seed=seed),
+                                        adapter=name)
         return [sum(bool(resolve_verifier(t, "auto", sc, ())(c.text, t).correct) for c in cs) / k for t, cs in zip(tasks, outs)]
 
     def close(self) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -39,9 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-WORDS = {"min_word_len": 3, "max_word_len": 5}
-TASK_SEED, TASK_SIZE = 1, 2400
-BOOT_SEED, BOOT_SIZE, BOOT_STEPS = 100_000, 250, 250
+TASK_SIZE = 2400  # more than the learning test's 2,000: room for an audit split
 
 ARMS = {
     "sft": 'algorithm = "sft"\nlearning_rate = 3e-3\nepochs = 8\ndata_scope = "all"\n',
@@ -52,79 +49,19 @@ ARMS = {
 }
 
 
+TRAINING = "batch_size = 32\nmax_length = 128\nmin_sft_examples = 8\nmin_pairs = 8\nthreads = 1\ntime_limit_s = 600\n"
+
+
 def policy_text(model_dir: Path, training: str, alpha: float, per_round: int = 500) -> str:
-    return f"""
-name = "rl-bench"
-state_dir = "state"
-[student]
-base_model = "{model_dir}"
-lora = {{ r = 32, alpha = 64, dropout = 0.0, target_modules = "all-linear" }}
-[engine]
-kind = "transformers"
-dtype = "float32"
-max_model_len = 128
-batch_size = 256
-threads = 1
-release_for_training = "keep"
-[tasks]
-heldout_fraction = 0.15
-audit_fraction = 0.15
-per_round = {per_round}
-[[tasks.sources]]
-type = "reasoning_gym"
-dataset = "spell_backward"
-config = {{ min_word_len = {WORDS['min_word_len']}, max_word_len = {WORDS['max_word_len']} }}
-seed = {TASK_SEED}
-size = {TASK_SIZE}
-[generation]
-samples_per_task = 8
-temperature = 1.0
-max_tokens = 8
-[pairs]
-strategy = "verified_chosen"
-sft_from = "verified"
-max_sft_per_task = 2
-[training]
-batch_size = 32
-max_length = 128
-min_sft_examples = 8
-min_pairs = 8
-threads = 1
-time_limit_s = 600
-{training}
-[evaluation]
-heldout_items = 300
-max_tokens = 8
-anchor_prompts = ["abc", "hello"]
-anchor_max_tokens = 8
-[gates]
-test = "mcnemar"
-alpha = {alpha}
-min_gain = 0.0
-max_anchor_nll_increase = 1000.0
-max_empty_fraction = 1.0
-max_repetition = 1.0
-max_length_ratio = 1000.0
-max_category_regression = 1.0
-[schedule]
-idle_sleep_s = 0.1
-[stopping]
-stop_when_tasks_exhausted = true
-[logging]
-format = "json"
-"""
+    from bootstrap import spell_policy
 
-
-def rows(db: Path, sql: str, params=()) -> list[dict[str, Any]]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, params)]
-    finally:
-        con.close()
+    return spell_policy(model_dir, TRAINING + training, name="rl-bench", alpha=alpha, task_size=TASK_SIZE, per_round=per_round,
+                        audit_fraction=0.15)
 
 
 def run_arm(name: str, model_dir: Path, out: Path, rounds: int, alpha: float, reuse: bool = False, per_round: int = 500) -> dict[str, Any]:
+    from bootstrap import rows
+
     d = out / name
     db = d / "state" / "selfdistill.db"
     seconds = None
@@ -168,10 +105,22 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="measure the arms already run under --out instead of running them")
     ap.add_argument("--k", type=int, default=8, help="samples per audit item for the pass rate at T = 1")
     ap.add_argument("--per-round", type=int, default=500, help="tasks.per_round")
-    ap.add_argument("--boot-steps", type=int, default=BOOT_STEPS, help="bootstrap optimizer steps")
+    ap.add_argument("--boot-steps", type=int, default=250, help="bootstrap optimizer steps")
     ap.add_argument("--model", type=Path, default=None, help="a model already bootstrapped (copied under --out) instead of a new one")
     a = ap.parse_args()
-    from bootstrap import Evaluator, bootstrap, build_model, disjoint, rg_tasks, sft_rows, summary
+    from bootstrap import (
+        SPELL_BOOT_SEED,
+        SPELL_BOOT_SIZE,
+        SPELL_TASK_SEED,
+        SPELL_WORDS,
+        Evaluator,
+        bootstrap,
+        build_model,
+        disjoint,
+        rg_tasks,
+        sft_rows,
+        summary,
+    )
 
     from selfdistill.stats import discordant, mcnemar_one_sided
     from selfdistill.store import Store
@@ -184,8 +133,8 @@ def main() -> None:
 
         shutil.copytree(a.model, model, ignore=shutil.ignore_patterns("cache"))
     if not (model / "config.json").exists():
-        tasks = rg_tasks("spell_backward", TASK_SEED, TASK_SIZE, WORDS)
-        boot = disjoint(rg_tasks("spell_backward", BOOT_SEED, BOOT_SIZE, WORDS), tasks)
+        tasks = rg_tasks("spell_backward", SPELL_TASK_SEED, TASK_SIZE, SPELL_WORDS)
+        boot = disjoint(rg_tasks("spell_backward", SPELL_BOOT_SEED, SPELL_BOOT_SIZE, SPELL_WORDS), tasks)
         build_model(model)
         bootstrap(model, sft_rows(boot), a.boot_steps, batch_size=32, lr=3e-3, threads=1)
     arms = {name: run_arm(name, model, a.out, a.rounds, a.alpha, a.reuse, a.per_round) for name in a.arms.split(",")}
