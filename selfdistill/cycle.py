@@ -89,6 +89,7 @@ class Cycle:
         self.serving = Serving(policy, lambda: self.model_dir)
         self.training_child_pid: int | None = None
         self._training_run_id: int | None = None
+        self._reward_scorer: tuple[Path | None, Any] = (None, None)  # the loaded reward model: (its directory, scorer)
         self._pending: Policy | None = None
         self._pending_lock = threading.Lock()
         self._decided_this_run = 0
@@ -444,7 +445,7 @@ class Cycle:
         if not (path / "adapter_model.safetensors").is_file():
             log("reward model missing", logging.WARNING, path=str(path))
             return []
-        if getattr(self, "_reward_scorer", (None, None))[0] != path:
+        if self._reward_scorer[0] != path:
             from selfdistill.training.reward_model import RewardScorer
 
             self._reward_scorer = (path, RewardScorer(self.model_dir, path, self.policy.student.system_prompt,
@@ -648,13 +649,12 @@ class Cycle:
                                            "sft_ids": [r.id for r in data.sft], "pair_ids": [r.id for r in data.pairs]})
                 self.store.mark_data_used(rid, [r.id for r in data.sft], [r.id for r in data.pairs])
                 self.store.update_round(rid, candidate_id=ckpt_id)
-                self.store.merge_round_metrics(rid, {"training": result.metrics, **_rl_figures(group_counts, result.metrics)})
+                rl = _rl_figures(group_counts, result.metrics)
+                self.store.merge_round_metrics(rid, {"training": result.metrics, **rl})
                 self.store.record_phase(rid, "train", t0, {**counts, **_numeric(result.metrics)}, "evaluate")
             self.run.train_requested = False
             shutil.rmtree(work, ignore_errors=True)
-            m = result.metrics
-            rl = {k: m[f"grpo_{k}"] for k in ("clip_fraction", "kl", "entropy_last") if f"grpo_{k}" in m}
-            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1), **rl)
+            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1), **rl.get("rl", {}))
         elif result.status == "skipped":
             self.run.train_requested = False
             self.finish(rid, t0, "train", counts, decision="skip", reasons=[result.reason or "skipped"])
