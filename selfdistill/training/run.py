@@ -367,8 +367,7 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
             else:
                 todo.append(stage)
         if not todo:
-            metrics["duration_s"] = round(time.monotonic() - started, 3)
-            return TrainingResult(status="skipped", reason="; ".join(f"{s} {r}" for s, r in stages.items()), metrics=metrics, stages=stages)
+            return _all_skipped(stages, metrics, started)
 
         t = time.monotonic()
         import torch
@@ -394,9 +393,7 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
                 stages["grpo"] = f"skipped: {e}"
                 todo.remove("grpo")
             if not todo:
-                metrics["duration_s"] = round(time.monotonic() - started, 3)
-                return TrainingResult(status="skipped", reason="; ".join(f"{s} {r}" for s, r in stages.items()),
-                                      metrics=metrics, stages=stages)
+                return _all_skipped(stages, metrics, started)
 
         inject = os.environ.get(INJECT_NAN_ENV)
         scratch = tempfile.mkdtemp(prefix=f".{spec.output_dir.name}.scratch-", dir=spec.output_dir.parent)
@@ -447,6 +444,12 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["duration_s"] = round(time.monotonic() - started, 3)
     return TrainingResult(status=status, reason=reason, metrics=metrics, stages=stages, adapter_dir=adapter)
+
+
+def _all_skipped(stages: dict[str, str], metrics: dict[str, Any], started: float) -> TrainingResult:
+    """The result of a round whose every stage was skipped: no adapter, the stages' reasons."""
+    metrics["duration_s"] = round(time.monotonic() - started, 3)
+    return TrainingResult(status="skipped", reason="; ".join(f"{s} {r}" for s, r in stages.items()), metrics=metrics, stages=stages)
 
 
 def _reward_model_round(spec: RoundSpec, pairs: list[dict[str, Any]], metrics: dict[str, Any], started: float) -> TrainingResult:
