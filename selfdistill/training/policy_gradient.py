@@ -49,7 +49,6 @@ class Example:
     prompt_len: int
     advantage: float
     sampler: list[float] | None  # the engine's log-probability of each answer token
-    reward: float
     old: Any = None  # tensor [answer tokens]: the incumbent's log-probabilities, in this trainer
     ref: Any = None  # tensor [answer tokens]: the reference's (kl_beta > 0)
 
@@ -86,7 +85,7 @@ def prepare(spec, tok, model, groups: list[dict[str, Any]]) -> tuple[list[Exampl
             ids, lps = ids[:room], (lps[:room] if lps is not None else None)
             if abs(a) < 1e-12:
                 continue  # no gradient: the answer's reward is its group's mean
-            examples.append(Example(list(p_ids) + list(ids), len(p_ids), a, lps, float(s["reward"])))
+            examples.append(Example(list(p_ids) + list(ids), len(p_ids), a, lps))
     n = sum(len(g["samples"]) for g in groups)
     if missing and rl.missing_logprobs == "skip":
         raise StageSkipped(f"{missing} of {n} samples have no stored sampling log-probabilities "

@@ -155,5 +155,5 @@ def test_sampled_tokens_and_logprobs_are_the_trainers_at_temperature_1(tiny_engi
             assert len(c.token_ids) == len(c.logprobs) == c.completion_tokens
             assert tok.decode(c.token_ids, skip_special_tokens=True).startswith(c.text)
             with torch.no_grad():
-                (lp,), _ = _answer_logps(model, [Example(p + c.token_ids, len(p), 1.0, None, 0.0)])
+                (lp,), _ = _answer_logps(model, [Example(p + c.token_ids, len(p), 1.0, None)])
             assert lp.tolist() == pytest.approx(c.logprobs, abs=2e-2)

@@ -145,25 +145,25 @@ def test_token_loss_clips_in_the_advantages_direction_and_caps_the_sampler_weigh
     rl = RLConfig(clip_epsilon=0.2, clip_epsilon_high=0.28, sampler_ratio_cap=2.0, kl_beta=0.0)
     old = torch.log(torch.tensor([0.5, 0.5, 0.5]))
     lp = torch.log(torch.tensor([0.5, 0.75, 0.25])).requires_grad_()  # ratios 1, 1.5, 0.5
-    up = Example([], 0, advantage=1.0, sampler=None, reward=1.0, old=old)
+    up = Example([], 0, advantage=1.0, sampler=None, old=old)
     loss, ratio, kl = token_loss(lp, up, rl)
     assert torch.allclose(ratio, torch.tensor([1.0, 1.5, 0.5]))
     loss.sum().backward()
     # positive advantage: the token already 1.5x more likely is clipped (no gradient); the others push up
     assert lp.grad[1] == 0 and lp.grad[0] < 0 and lp.grad[2] < 0 and kl is None
     lp.grad = None
-    down = Example([], 0, advantage=-1.0, sampler=None, reward=0.0, old=old)
+    down = Example([], 0, advantage=-1.0, sampler=None, old=old)
     token_loss(lp, down, rl)[0].sum().backward()
     assert lp.grad[2] == 0 and lp.grad[0] > 0 and lp.grad[1] > 0  # negative: the 0.5x token is clipped
     # the sampler's log-probabilities weight each token by exp(old - sampler), at most the cap
-    sampled = Example([], 0, advantage=1.0, sampler=[math.log(0.5), math.log(0.1), math.log(1.0)], reward=1.0, old=old)
+    sampled = Example([], 0, advantage=1.0, sampler=[math.log(0.5), math.log(0.1), math.log(1.0)], old=old)
     weighted, _, _ = token_loss(lp.detach(), sampled, rl)
     plain, _, _ = token_loss(lp.detach(), up, rl)
     assert torch.allclose(weighted / plain, torch.tensor([1.0, 2.0, 0.5]))
     # the KL penalty (k3) is zero at the reference and positive away from it
     rl_kl = RLConfig(kl_beta=0.5)
-    at_ref = Example([], 0, advantage=0.0, sampler=None, reward=0.0, old=old, ref=lp.detach())
+    at_ref = Example([], 0, advantage=0.0, sampler=None, old=old, ref=lp.detach())
     assert float(token_loss(lp.detach(), at_ref, rl_kl)[2].abs().sum()) < 1e-6
-    away = Example([], 0, advantage=0.0, sampler=None, reward=0.0, old=old, ref=old)
+    away = Example([], 0, advantage=0.0, sampler=None, old=old, ref=old)
     assert float(token_loss(lp.detach(), away, rl_kl)[2].sum()) > 0.01
 
