@@ -29,6 +29,7 @@ from selfdistill.records import Checkpoint, Evaluation, PairRecord, Round, SftRe
 APP_ID = 0x53444C53  # "SDLS": PRAGMA application_id marks a selfdistill database
 DB_NAME = "selfdistill.db"
 BUSY_TIMEOUT_MS = 60_000
+LOGPROB_TABLES = ("sample_logprobs", "teacher_logprobs")  # per-token figures of answers, pruned together
 
 
 def sql_dir() -> Path:
@@ -381,12 +382,28 @@ class Store:
             "SELECT l.* FROM sample_logprobs l JOIN generations g ON g.id = l.generation_id "
             "WHERE g.round_id = ? AND g.purpose = ?", (round_id, purpose))}
 
+    def add_teacher_logprobs(self, teacher: str, tokenizer: str, rows: dict[int, list[float]]) -> int:
+        """Store the teacher's log-probability of each token of these answers (generation id -> one per
+        sampled token); the rows written. An answer already scored keeps its first figures."""
+        now = _now()
+        return self._insert_all("teacher_logprobs", (
+            {"generation_id": gid, "teacher": teacher, "tokenizer": tokenizer, "logprobs": pack_floats(lps), "created_at": now}
+            for gid, lps in rows.items()), ignore=True)
+
+    def teacher_logprobs(self, round_id: int, purpose: str = "train") -> dict[int, list[float]]:
+        """generation id -> the teacher's log-probability of each sampled token, for a round's answers that have them."""
+        return {r["generation_id"]: unpack_floats(r["logprobs"]) for r in self.query(
+            "SELECT t.generation_id, t.logprobs FROM teacher_logprobs t JOIN generations g ON g.id = t.generation_id "
+            "WHERE g.round_id = ? AND g.purpose = ?", (round_id, purpose))}
+
     def prune_sample_logprobs(self, before_round: int) -> int:
-        """Retention: drop the stored log-probabilities of answers sampled before round `before_round`."""
+        """Retention: drop the stored log-probabilities (the sampler's and the teacher's) of answers
+        sampled before round `before_round`."""
         with self.transaction():
             before = self.conn.total_changes
-            self.execute("DELETE FROM sample_logprobs WHERE generation_id IN "
-                         "(SELECT id FROM generations WHERE round_id < ?)", (before_round,))
+            for table in LOGPROB_TABLES:
+                self.execute(f"DELETE FROM {table} WHERE generation_id IN "
+                             "(SELECT id FROM generations WHERE round_id < ?)", (before_round,))
             return self.conn.total_changes - before
 
     def generations(self, round_id: int, purpose: str = "train") -> list[dict[str, Any]]:
@@ -396,7 +413,7 @@ class Store:
     def delete_generations(self, round_id: int, purpose: str) -> int:
         """Drop a round's generations of one purpose (and their scores): a phase restarting from scratch."""
         with self.transaction():
-            for table in ("scores", "sample_logprobs"):
+            for table in ("scores", *LOGPROB_TABLES):
                 self.db[table].delete_where(
                     "generation_id IN (SELECT id FROM generations WHERE round_id = ? AND purpose = ?)", [round_id, purpose])
             before = self.conn.total_changes

@@ -203,3 +203,22 @@ def test_sampling_logprobs_round_trip_are_deleted_with_their_answers_and_pruned(
     assert store.sample_logprobs(r1) == {} and store.sample_logprobs(r2) == {ids[2]: ([1], [-2.0])}
     assert store.prune_sample_logprobs(before_round=r2) == 0
     assert store.prune_sample_logprobs(before_round=r2 + 1) == 1 and store.sample_logprobs(r2) == {}
+
+
+def test_teacher_logprobs_keep_provenance_first_figures_and_go_with_their_answers(store):
+    """4 bytes a token with the teacher and its tokenizer's fingerprint; a second scoring of the same
+    answer keeps the first; a redone generate phase and the retention policy both remove them."""
+    store.add_tasks([TaskIn("s", "q", "1")], 0.0)
+    tid = store.tasks()[0].id
+    r1, r2 = store.create_round("base"), store.create_round("base")
+    row = dict(task_id=tid, checkpoint_id="base", purpose="train", prompt="q", text="1", token_ids=[5, 6], logprobs=[-1.0, -2.0])
+    ids = store.add_generations([dict(row, round_id=r1), dict(row, round_id=r1), dict(row, round_id=r2)])
+    assert store.add_teacher_logprobs("teacher-dir", "tok:abc", {ids[0]: [-0.5, -0.25], ids[2]: [-3.0, -0.125]}) == 2
+    assert store.add_teacher_logprobs("teacher-dir", "tok:abc", {ids[0]: [-9.0, -9.0], ids[1]: [-1.0, -1.0]}) == 1
+    assert store.teacher_logprobs(r1) == {ids[0]: [-0.5, -0.25], ids[1]: [-1.0, -1.0]}
+    row0 = store.query("SELECT * FROM teacher_logprobs WHERE generation_id = ?", (ids[0],))[0]
+    assert (row0["teacher"], row0["tokenizer"], len(row0["logprobs"])) == ("teacher-dir", "tok:abc", 4 * 2)
+    assert store.delete_generations(r1, "train") == 2
+    assert store.teacher_logprobs(r1) == {} and store.teacher_logprobs(r2) == {ids[2]: [-3.0, -0.125]}
+    assert store.prune_sample_logprobs(before_round=r2 + 1) == 2  # the sampler's and the teacher's
+    assert store.teacher_logprobs(r2) == {}

@@ -82,6 +82,13 @@ class Engine(Protocol):
         """(sum of log-probabilities, number of tokens) of each completion given its prompt."""
         ...
 
+    def token_logprobs(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
+    ) -> list[list[float]]:
+        """The log-probability (temperature 1) of each given token after its prompt: the ids are in
+        this engine's vocabulary (a teacher scoring a student's sample must share its tokenizer)."""
+        ...
+
     def load_adapter(self, ref: AdapterRef) -> None:
         """Make an adapter version available under `ref.name` without restarting the engine."""
         ...

@@ -130,15 +130,21 @@ class TransformersEngine:
     def score(
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
     ) -> list[tuple[float, int]]:
+        tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        return [(float(sum(lps)), len(lps)) for lps in self.token_logprobs(prompts, tails, adapter)]
+
+    def token_logprobs(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
+    ) -> list[list[float]]:
         import torch
 
         heads = render_all(self.tokenizer, prompts, self.max_model_len)
-        full = [h + self.tokenizer(c, add_special_tokens=False)["input_ids"] for h, c in zip(heads, completions)]
+        full = [h + list(t) for h, t in zip(heads, token_ids)]
         for i, f in enumerate(full):
             if len(f) > self.max_model_len:
                 raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is "
                                   f"{self.max_model_len}: shorten it or raise engine.max_model_len")
-        res: list[tuple[float, int]] = []
+        res: list[list[float]] = []
         bs = self.cfg.batch_size
         with self._with_adapter(adapter), torch.inference_mode():
             for s in range(0, len(full), bs):
@@ -150,8 +156,7 @@ class TransformersEngine:
                 for b, (f, h) in enumerate(zip(chunk, hs)):
                     # the token at position j is predicted by the logits at j - 1
                     pos = torch.arange(len(h), len(f))
-                    total = logp[b, pos - 1, torch.tensor(f[len(h):], dtype=torch.long)].sum().item() if len(f) > len(h) else 0.0
-                    res.append((float(total), len(f) - len(h)))
+                    res.append(logp[b, pos - 1, torch.tensor(f[len(h):], dtype=torch.long)].tolist() if len(f) > len(h) else [])
         return res
 
     def load_adapter(self, ref: AdapterRef) -> None:

@@ -205,26 +205,48 @@ class OpenAIEngine:
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
     ) -> list[tuple[float, int]]:
         model = self._model(adapter)
-        return self._map(lambda pc: self._score_one(pc[0], pc[1], model), list(zip(prompts, completions)))
+        tok = f"{self.root}/tokenize"
 
-    def _score_one(self, prompt: Prompt, completion: str, model: str) -> tuple[float, int]:
-        # The prompt goes through the server's own chat template (/tokenize), so the ids are the
-        # ones generation would see; echo + logprobs then scores every prompt token.
+        def one(pc):
+            tail = self._post(tok, {"model": model, "prompt": pc[1], "add_special_tokens": False})["tokens"]
+            lps = self._token_logprobs_one(pc[0], tail, model)
+            return float(sum(lps)), len(lps)
+
+        return self._map(one, list(zip(prompts, completions)))
+
+    def token_logprobs(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
+    ) -> list[list[float]]:
+        model = self._model(adapter)
+        return self._map(lambda pt: self._token_logprobs_one(pt[0], list(pt[1]), model), list(zip(prompts, token_ids)))
+
+    def tokenize(self, prompt: Prompt, adapter: str | None = None) -> list[int]:
+        """The server's token ids of a prompt: chat messages through its own chat template (with the
+        generation prompt), a string as raw text (vLLM's /tokenize)."""
+        return self._tokenize(prompt, self._model(adapter))
+
+    def _tokenize(self, prompt: Prompt, model: str) -> list[int]:
         tok = f"{self.root}/tokenize"
         if isinstance(prompt, str):
-            head = self._post(tok, {"model": model, "prompt": prompt, "add_special_tokens": False})
-        else:
-            head = self._post(tok, {"model": model, "messages": prompt, "add_generation_prompt": True})
-        tail = self._post(tok, {"model": model, "prompt": completion, "add_special_tokens": False})["tokens"]
+            return self._post(tok, {"model": model, "prompt": prompt, "add_special_tokens": False})["tokens"]
+        return self._post(tok, {"model": model, "messages": prompt, "add_generation_prompt": True})["tokens"]
+
+    def _token_logprobs_one(self, prompt: Prompt, tail: list[int], model: str) -> list[float]:
+        # The prompt goes through the server's own chat template (/tokenize), so the ids are the
+        # ones generation would see; echo + logprobs then scores every prompt token.
         if not tail:
-            return 0.0, 0
-        ids = head["tokens"] + tail
+            return []
+        head = self._tokenize(prompt, model)
+        ids = head + tail
         data = self._post(
             f"{self.base}/completions",
             {"model": model, "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0.0},
         )
-        lps = data["choices"][0]["logprobs"]["token_logprobs"][len(head["tokens"]) : len(ids)]
-        return float(sum(lps)), len(tail)
+        lps = data["choices"][0]["logprobs"]["token_logprobs"][len(head) : len(ids)]
+        if len(lps) != len(tail) or any(not isinstance(x, (int, float)) for x in lps):
+            raise EngineError(f"{self.base}/completions echoed {len(lps)} log-probabilities for {len(tail)} tokens: "
+                              "the server does not score prompt tokens (a vLLM server does, with echo and logprobs)")
+        return [float(x) for x in lps]
 
     def load_adapter(self, ref: AdapterRef) -> None:
         # The path is the server's: it is not checked here, the server refuses a bad one (4xx).

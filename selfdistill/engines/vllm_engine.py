@@ -169,24 +169,25 @@ class VLLMEngine:
     def score(
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
     ) -> list[tuple[float, int]]:
+        tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        return [(float(sum(lps)), len(lps)) for lps in self.token_logprobs(prompts, tails, adapter)]
+
+    def token_logprobs(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
+    ) -> list[list[float]]:
         from vllm import SamplingParams as VSP
 
         llm, lora = self._live(adapter)
         heads = render_all(self.tokenizer, prompts, self.max_model_len)
-        tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-        full = [h + t for h, t in zip(heads, tails)]
+        full = [h + list(t) for h, t in zip(heads, token_ids)]
         for i, f in enumerate(full):
             if len(f) + 1 > self.max_model_len:
                 raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is "
                                   f"{self.max_model_len}: shorten it or raise engine.max_model_len")
+        # prompt_logprobs are of the raw model (temperature only shapes the one token sampled after)
         sp = VSP(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         outs = llm.generate([{"prompt_token_ids": f} for f in full], sp, lora_request=lora, use_tqdm=False)
-        res = []
-        for h, f, o in zip(heads, full, outs):
-            lps = o.prompt_logprobs
-            total = sum(lps[j][f[j]].logprob for j in range(len(h), len(f)))
-            res.append((float(total), len(f) - len(h)))
-        return res
+        return [[float(o.prompt_logprobs[j][f[j]].logprob) for j in range(len(h), len(f))] for h, f, o in zip(heads, full, outs)]
 
     def load_adapter(self, ref: AdapterRef) -> None:
         from vllm.lora.request import LoRARequest

@@ -157,3 +157,22 @@ def test_sampled_tokens_and_logprobs_are_the_trainers_at_temperature_1(tiny_engi
             with torch.no_grad():
                 (lp,), _ = _answer_logps(model, [Example(p + c.token_ids, len(p), 1.0, None)])
             assert lp.tolist() == pytest.approx(c.logprobs, abs=2e-2)
+
+
+def test_token_logprobs_of_given_ids_are_the_samplers_and_survive_a_warm_prefix_cache(tiny_engine):
+    """What a teacher's scoring of a student's sample rests on (on-policy distillation): the
+    log-probability of each given token id after its prompt equals what sampling that token
+    reported, also when the same prompts were just scored (vLLM caches prefixes; a reported bug
+    gave wrong prompt log-probabilities at cached positions) and for ids nobody sampled."""
+    out = tiny_engine.generate(CHAT[:3], SamplingParams(n=2, temperature=1.0, max_tokens=10, logprobs=True))
+    prompts = [chat for chat, cs in zip(CHAT[:3], out) for _ in cs]
+    ids = [c.token_ids for cs in out for c in cs]
+    first = tiny_engine.token_logprobs(prompts, ids)
+    again = tiny_engine.token_logprobs(prompts, ids)
+    for lps, c in zip(first, [c for cs in out for c in cs]):
+        assert len(lps) == len(c.token_ids)
+        assert lps == pytest.approx(c.logprobs, abs=2e-2)
+    assert all(a == pytest.approx(f, abs=1e-4) for a, f in zip(again, first, strict=True))
+    (mixed,) = tiny_engine.token_logprobs(CHAT[:1], [ids[0][:3] + [ids[0][0]] * 2])
+    assert mixed[:3] == pytest.approx(first[0][:3], abs=1e-4) and len(mixed) == 5 and all(x <= 0 for x in mixed)
+    assert tiny_engine.token_logprobs(CHAT[:1], [[]]) == [[]]

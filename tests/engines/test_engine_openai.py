@@ -226,6 +226,10 @@ def test_real_vllm_server(vllm_server, hf_tiny, adapters):
     scores = eng.score(prompts, texts(base), adapter="a-v1")
     for (a, n), (b, m) in zip(scores, hf_tiny.score(prompts, texts(base), adapter="a-v1")):
         assert n == m and a == pytest.approx(b, rel=1e-3, abs=1e-3)
+    # a teacher server scoring given token ids (on-policy distillation): the offline reference's figures
+    ids = [[5, 9, 12, 7], [30, 31]]
+    for a, b in zip(eng.token_logprobs(prompts[:2], ids, adapter="a-v1"), hf_tiny.token_logprobs(prompts[:2], ids, adapter="a-v1")):
+        assert len(a) == len(b) and a == pytest.approx(b, rel=1e-3, abs=1e-3)
     hf_tiny.drop_adapter("a-v1")
     eng.drop_adapter("a-v1")
     served = [m["id"] for m in httpx.get(f"{vllm_server}/models").json()["data"]]
