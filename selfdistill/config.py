@@ -308,12 +308,33 @@ class RewardModelConfig(_Model):
     learning_rate: float = Field(1e-4, gt=0, lt=1, description="Learning rate of the reward head's LoRA.")
 
 
-RL_STAGES = ("grpo",)
+class DistillConfig(_Model):
+    """On-policy distillation (algorithm distill / sft_then_distill): per-token reverse KL to the
+    teacher on the student's own samples, as a policy-gradient step (training/policy_gradient.py).
+    Its trust region and guards are training.rl's clip_epsilon(_high), sampler_ratio_cap,
+    max_ratio and min_entropy; its stored log-probabilities follow training.rl.keep_logprobs_rounds."""
+
+    coef: float = Field(1.0, gt=0, description="Weight of the per-token advantage: coef * (teacher minus student log-probability).")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the stage (none: training.learning_rate / 4).")
+    passes: int = Field(1, ge=1, le=16, description="Optimisation passes over the round's samples.")
+    baseline: Literal["none", "mean", "whiten"] = Field(
+        "whiten", description="Variance reduction of the per-token advantage: none (the raw teacher-minus-student gap), mean "
+        "(minus its mean over the round's tokens: unbiased, the sampled token's own gap still decides the sign) or whiten "
+        "(also over its standard deviation, so the step size does not depend on how far apart the two models are)."
+    )
+    min_samples: int = Field(16, ge=1, description="Fewer samples scored by the teacher than this: the stage is skipped with a reason.")
+    samples_per_task: int | None = Field(
+        None, ge=1, description="How many of each train task's answers the teacher scores (none: all; a paid teacher costs per token)."
+    )
+
+
+RL_STAGES = ("grpo", "distill")  # stages on the round's own samples: sampling log-probabilities asked, one process
 
 
 class TrainingConfig(_Model):
-    algorithm: Literal["sft", "dpo", "sft_then_dpo", "grpo", "sft_then_grpo"] = Field(
-        "sft_then_dpo", description="What a round trains: SFT, DPO-family, group-relative policy gradient, or SFT then one of them."
+    algorithm: Literal["sft", "dpo", "sft_then_dpo", "grpo", "sft_then_grpo", "distill", "sft_then_distill"] = Field(
+        "sft_then_dpo", description="What a round trains: SFT, DPO-family, group-relative policy gradient, on-policy "
+        "distillation from the teacher's token log-probabilities, or SFT then one of them."
     )
     loss_type: list[Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "simpo", "orpo"]] = Field(
         default_factory=lambda: ["sigmoid"], description="DPO-family loss(es); simpo and orpo are reference-free."
@@ -348,11 +369,12 @@ class TrainingConfig(_Model):
     max_retries: int = Field(1, ge=0, description="A failed round is retried this many times before being given up.")
     rl: RLConfig = Field(default_factory=RLConfig, description="The policy-gradient stage (grpo, sft_then_grpo).")
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig, description="A reward model learned from the pairs.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="On-policy distillation (distill, sft_then_distill).")
 
     def stages(self) -> list[str]:
         """The stages a round runs, in order."""
         return {"sft": ["sft"], "dpo": ["dpo"], "sft_then_dpo": ["sft", "dpo"], "grpo": ["grpo"],
-                "sft_then_grpo": ["sft", "grpo"]}[self.algorithm]
+                "sft_then_grpo": ["sft", "grpo"], "distill": ["distill"], "sft_then_distill": ["sft", "distill"]}[self.algorithm]
 
     def uses_rl(self) -> bool:
         return any(s in RL_STAGES for s in self.stages())
@@ -520,9 +542,11 @@ class Policy(_Model):
             or self.scoring.teacher_label
             or self.scoring.teacher_revise
             or any(getattr(s, "by", None) == "teacher" for s in self.tasks.sources)
+            or "distill" in self.training.stages()
         )
         if needs_teacher and self.teacher is None:
-            problems.append("a teacher is used (teacher_judge / teacher_label / teacher_revise / expansion by teacher) but no [teacher] table is given")
+            problems.append("a teacher is used (teacher_judge / teacher_label / teacher_revise / expansion by teacher / "
+                            f"training.algorithm = {self.training.algorithm!r}) but no [teacher] table is given")
         # kept in the model so that the refusal says why, rather than "unknown key"
         if self.evaluation.pairwise_judge != "none":
             problems.append(
@@ -539,6 +563,10 @@ class Policy(_Model):
                 "schedule.outside_windows = 'idle' needs schedule.train_windows "
                 "(add the windows, or set outside_windows = 'collect')"
             )
+        if self.teacher is not None and self.teacher.kind == "vllm" and self.engine.kind == "vllm":
+            problems.append("teacher.kind = 'vllm' beside engine.kind = 'vllm': two in-process vLLM engines cannot share one process; "
+                            f"serve the teacher (`vllm serve {self.teacher.model}`) and set teacher.kind = 'openai' with its [teacher.endpoint], "
+                            "or use teacher.kind = 'transformers'")
         if self.engine.kind == "openai" and self.engine.server is None:
             problems.append("engine.kind = 'openai' needs an [engine.server] table")
         if not (self.scoring.use_verifier or self.scoring.self_judge.enabled or self.scoring.teacher_judge.enabled

@@ -90,6 +90,7 @@ class Cycle:
         self.training_child_pid: int | None = None
         self._training_run_id: int | None = None
         self._reward_scorer: tuple[Path | None, Any] = (None, None)  # the loaded reward model: (its directory, scorer)
+        self._teacher_tokenizer: str | None = None  # the teacher's tokenizer fingerprint, once checked against the student's
         self._pending: Policy | None = None
         self._pending_lock = threading.Lock()
         self._decided_this_run = 0
@@ -608,7 +609,8 @@ class Cycle:
                 self.store.finish_training_run(run["id"], "failed", {}, "interrupted: the daemon stopped during training")
         attempt = len(self.store.training_runs(rid)) + 1
         data = self.store.training_data(rid, tr.data_scope, tr.replay_fraction, tr.seed)
-        groups, group_counts = self.round_groups(rid) if tr.uses_rl() else ([], {})
+        groups, group_counts = self.round_groups(rid) if "grpo" in tr.stages() else ([], {})
+        distill, distill_counts = self.distill_data(rid) if "distill" in tr.stages() else ([], {})
         ckpt_id = self.store.next_checkpoint_id()
         # an adapter renamed into place by a trainer whose result was never recorded: train afresh
         if discard_unrecorded(self.state_dir, ckpt_id, recorded=False):
@@ -616,7 +618,7 @@ class Cycle:
         out_dir = new_checkpoint_dir(self.state_dir, ckpt_id)
         work = self.state_dir / "tmp" / f"round-{rid}-attempt-{attempt}"
         work.mkdir(parents=True, exist_ok=True)
-        data_path = write_round_data(work / "data.jsonl", data.sft, data.pairs, groups)
+        data_path = write_round_data(work / "data.jsonl", data.sft, data.pairs, groups, distill)
         incumbent = rnd.incumbent_id
         spec = RoundSpec(
             round_id=rid, attempt=attempt, base_model_dir=str(self.model_dir),
@@ -626,7 +628,7 @@ class Cycle:
             result_path=str(work / "result.json"), threads=tr.threads, seed=tr.seed + attempt - 1,
             hf_home=str(self.state_dir / "cache" / "hf"),
         )
-        counts = {"sft": len(data.sft), "pairs": len(data.pairs), **group_counts}
+        counts = {"sft": len(data.sft), "pairs": len(data.pairs), **group_counts, **distill_counts}
         self._training_run_id = self.store.start_training_run(rid, attempt, {**counts, "output": str(out_dir)})
         self.say(rid, "train", attempt=attempt, candidate=ckpt_id, **counts)
         self.serving.release("training")  # the engine comes back by itself at its next use
@@ -649,12 +651,13 @@ class Cycle:
                                            "sft_ids": [r.id for r in data.sft], "pair_ids": [r.id for r in data.pairs]})
                 self.store.mark_data_used(rid, [r.id for r in data.sft], [r.id for r in data.pairs])
                 self.store.update_round(rid, candidate_id=ckpt_id)
-                rl = _rl_figures(group_counts, result.metrics)
+                rl = _rl_figures(counts, result.metrics)
                 self.store.merge_round_metrics(rid, {"training": result.metrics, **rl})
                 self.store.record_phase(rid, "train", t0, {**counts, **_numeric(result.metrics)}, "evaluate")
             self.run.train_requested = False
             shutil.rmtree(work, ignore_errors=True)
-            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1), **rl.get("rl", {}))
+            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1), **rl.get("rl", {}),
+                     **{f"distill_{k}": v for k, v in rl.get("distill", {}).items()})
         elif result.status == "skipped":
             self.run.train_requested = False
             self.finish(rid, t0, "train", counts, decision="skip", reasons=[result.reason or "skipped"])
@@ -684,6 +687,95 @@ class Cycle:
         counts["reward_mean"] = round(sum(rewards) / len(rewards), 4) if rewards else None
         counts["pass_rate"] = round(sum(verified) / len(verified), 4) if verified else None
         return groups, counts
+
+    def teacher_tokenizer(self) -> str:
+        """The teacher's tokenizer fingerprint, once its tokenizer is shown to be the student's (the
+        condition of scoring the student's token ids); PolicyError naming the difference otherwise."""
+        if self._teacher_tokenizer is not None:
+            return self._teacher_tokenizer
+        from selfdistill.errors import PolicyError
+        from selfdistill.models import TOKENIZER_PROBE, tokenizer_difference, tokenizer_fingerprint
+
+        t = self.policy.teacher
+        fix = "use a teacher of the student's family (same tokenizer and chat template), or another training.algorithm"
+        if t.kind == "openai":
+            import hashlib
+
+            from transformers import AutoTokenizer
+
+            from selfdistill.engines.local import render
+
+            tok = AutoTokenizer.from_pretrained(str(self.model_dir))
+            probes = [TOKENIZER_PROBE, chat_messages(TOKENIZER_PROBE, self.policy.student.system_prompt)]
+            mine = [render(tok, p) for p in probes]
+            theirs = [self.teacher.tokenize(p) for p in probes]
+            if mine != theirs:
+                what = "text" if mine[0] != theirs[0] else "chat template"
+                raise PolicyError(f"teacher {t.endpoint.base_url} ({t.endpoint.model}) tokenizes differently from the student "
+                                  f"({what} of a probe: {len(theirs[0 if what == 'text' else 1])} tokens against "
+                                  f"{len(mine[0 if what == 'text' else 1])}): distilling its token log-probabilities "
+                                  f"needs one tokenizer; {fix}")
+            self._teacher_tokenizer = "probe:" + hashlib.sha256(json.dumps(mine).encode()).hexdigest()[:16]
+        else:
+            diff = tokenizer_difference(self.model_dir, Path(t.model))
+            if diff:
+                raise PolicyError(f"teacher {t.model} and student {self.model_dir}: {diff}: distilling the teacher's token "
+                                  f"log-probabilities needs one tokenizer; {fix}")
+            self._teacher_tokenizer = tokenizer_fingerprint(t.model)
+        return self._teacher_tokenizer
+
+    def distill_data(self, rid: int) -> tuple[list, dict[str, Any]]:
+        """The on-policy distillation stage's rows: this round's answers to train-split tasks with
+        their sampled tokens, each scored token by token by the teacher (stored in teacher_logprobs
+        with the teacher and its tokenizer's fingerprint; answers already scored are not asked
+        again). A teacher that fails leaves the answers it did not score out (an event says so); an
+        answer whose figures are not one finite log-probability per token is never stored."""
+        import math
+
+        from selfdistill.errors import EngineError
+        from selfdistill.records import DistillRecord
+
+        dc, t = self.policy.training.distill, self.policy.teacher
+        tasks = {x.id: x for x in self.store.round_tasks(rid) if x.split == "train"}  # the held-out wall
+        sampled = self.store.sample_logprobs(rid)
+        chosen, per_task = [], {}
+        for g in self.store.generations(rid, "train"):
+            if g["task_id"] in tasks and g["id"] in sampled and sampled[g["id"]][0]:
+                per_task[g["task_id"]] = per_task.get(g["task_id"], 0) + 1
+                if dc.samples_per_task is None or per_task[g["task_id"]] <= dc.samples_per_task:
+                    chosen.append(g)
+        have = self.store.teacher_logprobs(rid)
+        todo = [g for g in chosen if g["id"] not in have]
+        counts: dict[str, Any] = {"distill_asked": len(todo), "distill_rejected": 0, "teacher_tokens": 0}
+        if todo:
+            fingerprint = self.teacher_tokenizer()
+            name = t.model if t.kind != "openai" else f"{t.endpoint.base_url} {t.endpoint.model}"
+            for i in range(0, len(todo), GENERATE_CHUNK):
+                chunk = todo[i:i + GENERATE_CHUNK]
+                ids = [sampled[g["id"]][0] for g in chunk]
+                try:
+                    got = self.teacher.token_logprobs([self.messages(tasks[g["task_id"]]) for g in chunk], ids)
+                except EngineError as e:
+                    log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
+                    self.store.event("teacher_unavailable", f"round {rid}: distillation scored {i} of {len(todo)} answers: {e}",
+                                     level="warning", round_id=rid)
+                    break
+                good = {}
+                for g, want, lps in zip(chunk, ids, got):
+                    if len(lps) == len(want) and all(math.isfinite(x) and x <= 1e-4 for x in lps):
+                        good[g["id"]] = [min(0.0, float(x)) for x in lps]
+                    else:
+                        counts["distill_rejected"] += 1
+                self.store.add_teacher_logprobs(name, fingerprint, good)
+                counts["teacher_tokens"] += sum(len(x) for x in good.values())
+                self.run.beat()
+            if counts["distill_rejected"]:
+                log("teacher answered unusable log-probabilities", logging.WARNING, round=rid, answers=counts["distill_rejected"])
+            have = self.store.teacher_logprobs(rid)
+        rows = [DistillRecord(g["id"], g["prompt"], sampled[g["id"]][0], sampled[g["id"]][1], have[g["id"]])
+                for g in chosen if g["id"] in have]
+        counts["distill_samples"] = len(rows)
+        return rows, counts
 
     def _child_started(self, pid: int) -> None:
         self.training_child_pid = pid
@@ -929,12 +1021,19 @@ def _acc(m: dict) -> str:
 
 def _rl_figures(counts: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """The round's policy-gradient figures for the report and status: mean reward and pass rate of
-    the samples, clip fraction and KL of the steps (nothing where no RL stage trained)."""
-    if "grpo_steps" not in metrics:
-        return {}
-    return {"rl": {"reward_mean": counts.get("reward_mean"), "pass_rate": counts.get("pass_rate"),
-                   "clip_fraction": metrics.get("grpo_clip_fraction"), "kl": metrics.get("grpo_kl"),
-                   "entropy": metrics.get("grpo_entropy_last")}}
+    the samples, clip fraction and KL of the steps; distilling, the samples and teacher tokens and
+    the reverse KL to the teacher (nothing where no such stage trained)."""
+    out: dict[str, Any] = {}
+    if "grpo_steps" in metrics:
+        out["rl"] = {"reward_mean": counts.get("reward_mean"), "pass_rate": counts.get("pass_rate"),
+                     "clip_fraction": metrics.get("grpo_clip_fraction"), "kl": metrics.get("grpo_kl"),
+                     "entropy": metrics.get("grpo_entropy_last")}
+    if "distill_steps" in metrics:
+        out["distill"] = {"samples": counts.get("distill_samples"), "teacher_tokens": counts.get("teacher_tokens"),
+                          "reverse_kl_before": metrics.get("distill_reverse_kl_before"),
+                          "reverse_kl_last": metrics.get("distill_reverse_kl_last"),
+                          "clip_fraction": metrics.get("distill_clip_fraction"), "entropy": metrics.get("distill_entropy_last")}
+    return out
 
 
 def _numeric(d: dict[str, Any]) -> dict[str, Any]:

@@ -173,6 +173,17 @@ class Daemon:
             time.sleep(delay)
             delay = min(delay * 2, 60)
 
+    def _check_teacher_tokenizer(self) -> None:
+        """Distilling token log-probabilities needs the student's tokenizer in the teacher: refuse
+        a mismatch at start (PolicyError, exit 2). A teacher server not up yet is checked at the
+        first distillation instead."""
+        from selfdistill.errors import EngineError
+
+        try:
+            log("teacher tokenizer checked", fingerprint=self.cycle.teacher_tokenizer())
+        except EngineError as e:
+            log("teacher not reachable at start: its tokenizer is checked at the first distillation", logging.WARNING, error=str(e))
+
     # main ----------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -212,6 +223,8 @@ class Daemon:
                 metrics = MetricsServer(self.policy.state_dir / DB_NAME, self.policy.name, mon.prometheus_addr, mon.prometheus_port)
                 log("prometheus metrics", url=metrics.url)
             self.cycle.recover()
+            if "distill" in self.policy.training.stages():
+                self._check_teacher_tokenizer()
             counts = ingest_tasks(self.policy, store)
             store.event("start", f"daemon started (PID {os.getpid()})", data={"burst": self.burst, "max_rounds": self.max_rounds, **counts})
             log("daemon started", pid=os.getpid(), state_dir=str(self.policy.state_dir), tasks=store.count_tasks(), **counts)

@@ -139,6 +139,19 @@ class GroupRecord:
 
 
 @dataclass
+class DistillRecord:
+    """One answer the incumbent sampled this round, with the teacher's log-probability of each of
+    its tokens (on-policy distillation): the per-token signal is teacher minus student."""
+
+    generation_id: int
+    prompt: str
+    token_ids: list[int]
+    logprobs: list[float] | None  # the sampler's, one per token (None: the engine gave none)
+    teacher_logprobs: list[float]
+    weight: float = 1.0
+
+
+@dataclass
 class TrainingData:
     """What one training round may use: stored SFT examples and pairs of train-split tasks."""
 

@@ -31,6 +31,7 @@ class Serving:
         self._model_dir = model_dir
         self._engine = None
         self._teacher = None
+        self._teacher_released = False
         self._released = False
         self._loaded: dict[str, str] = {}  # checkpoint id -> adapter name in the engine
         self._load_counter = 0
@@ -53,10 +54,18 @@ class Serving:
 
     @property
     def teacher(self):
+        """The teacher's engine, started or resumed as needed (none without a [teacher] table)."""
         if self._teacher is None and self.teacher_cfg is not None:
             from selfdistill.engines import make_teacher_engine
 
+            t = time.time()
             self._teacher = make_teacher_engine(self.teacher_cfg, self.state_dir / "cache")
+            self._teacher_released = False
+            if self.teacher_cfg.kind != "openai":
+                log("teacher started", kind=self.teacher_cfg.kind, model=self.teacher_cfg.model, seconds=round(time.time() - t, 2))
+        elif self._teacher is not None and self._teacher_released:
+            self._teacher.resume()
+            self._teacher_released = False
         return self._teacher
 
     @property
@@ -88,7 +97,13 @@ class Serving:
             self._engine.drop_adapter(name)
 
     def release(self, why: str = "training") -> None:
-        """Free the student engine's memory (policy `engine.release_for_training`; 'keep' keeps it)."""
+        """Free the student engine's memory (policy `engine.release_for_training`; 'keep' keeps it)
+        and an in-process teacher's (it comes back at its next use)."""
+        if self._teacher is not None and not self._teacher_released and self.teacher_cfg.kind != "openai":
+            t = time.time()
+            self._teacher.release()
+            self._teacher_released = True
+            log(f"teacher released for {why}", seconds=round(time.time() - t, 2))
         if self._engine is None or self._released or self.engine_cfg.release_for_training == "keep":
             return
         t = time.time()

@@ -330,3 +330,70 @@ def test_a_checkpoint_is_measured_once_so_its_figure_as_incumbent_is_its_figure_
     assert r2.metrics["incumbent_accuracy"] == r1.metrics["candidate_accuracy"]
     runs = cyc.store.query("SELECT count(*) AS n FROM evaluations WHERE checkpoint_id = ? AND suite = 'heldout'", (r1.candidate_id,))
     assert runs[0]["n"] == 1
+
+
+def test_a_distillation_round_scores_the_rounds_answers_with_the_teacher_once_and_stores_them(make_cycle, tiny_model_dir):
+    """distill through the cycle with a real in-process teacher (here the student's own base, so
+    the teacher's figures must equal the trainer's: the reverse KL before training is ~0): every
+    train-split answer of the round is scored token by token, stored with the teacher and its
+    tokenizer's fingerprint, never asked again, and the stage's figures reach the round."""
+    cyc = make_cycle({"tasks": {"per_round": 8}, "generation": {"temperature": 1.0},
+                      "teacher": {"kind": "transformers", "model": str(tiny_model_dir)},
+                      "training": {"algorithm": "distill", "distill": {"min_samples": 4, "samples_per_task": 3}}})
+    rnd = cyc.run_round()
+    assert rnd.decision in ("promote", "reject"), rnd.reasons
+    train_tasks = {t.id for t in cyc.store.round_tasks(rnd.id) if t.split == "train"}
+    gens = {g["id"]: g for g in cyc.store.generations(rnd.id)}
+    stored = cyc.store.teacher_logprobs(rnd.id)
+    sampled = cyc.store.sample_logprobs(rnd.id)
+    assert stored and all(gens[gid]["task_id"] in train_tasks for gid in stored)
+    assert len(stored) == 3 * len(train_tasks)  # samples_per_task
+    assert all(len(lps) == len(sampled[gid][0]) for gid, lps in stored.items())
+    row = cyc.store.query("SELECT teacher, tokenizer FROM teacher_logprobs LIMIT 1")[0]
+    assert row["teacher"] == str(tiny_model_dir) and row["tokenizer"].startswith("sha256:")
+    m = cyc.store.training_runs(rnd.id)[-1]["metrics"]
+    assert m["distill_steps"] > 0 and abs(m["distill_reverse_kl_before"]) < 1e-3, m
+    d = cyc.store.get_round(rnd.id).metrics["distill"]
+    assert d["samples"] == len(stored) and d["teacher_tokens"] == sum(map(len, stored.values()))
+    _, counts = cyc.distill_data(rnd.id)  # a restarted phase asks the teacher nothing twice
+    assert counts["distill_asked"] == 0 and counts["distill_samples"] == len(stored)
+
+
+class _BadTeacher:
+    """A teacher server gone wrong: the faked part is the teacher, the cycle's handling is under test."""
+
+    def __init__(self, fail: bool):
+        self.fail, self.calls = fail, 0
+
+    def token_logprobs(self, prompts, token_ids, adapter=None):
+        self.calls += 1
+        if self.fail:
+            raise EngineError("teacher http://127.0.0.1:9/v1: connection refused")
+        bad = [[], [float("nan")], [0.5]]  # too few figures, not a number, a probability above 1
+        return [([-1.0] * len(ids) if i % 2 else bad[i // 2 % 3] + [-1.0] * (len(ids) - 1)) for i, ids in enumerate(token_ids)]
+
+    def release(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_teacher_that_answers_garbage_or_fails_stores_nothing_wrong_and_the_round_goes_on(make_cycle, tiny_model_dir, fail):
+    cyc = make_cycle({"tasks": {"per_round": 8}, "generation": {"temperature": 1.0, "max_tokens": 6},
+                      "teacher": {"kind": "transformers", "model": str(tiny_model_dir)},
+                      "training": {"algorithm": "distill", "distill": {"min_samples": 4}}})
+    bad = _BadTeacher(fail)
+    cyc.serving._teacher, cyc._teacher_tokenizer = bad, "sha256:test"
+    rnd = cyc.run_round()
+    stored = cyc.store.teacher_logprobs(rnd.id)
+    if fail:
+        assert stored == {} and rnd.decision == "skip", rnd.reasons
+        assert "0 samples scored by the teacher" in rnd.reasons[0]
+        ev = cyc.store.query("SELECT kind, message FROM events WHERE kind = 'teacher_unavailable'")
+        assert ev and "connection refused" in ev[0]["message"]
+    else:
+        assert stored and all(lps == [-1.0] * len(lps) for lps in stored.values())  # only the well-formed half
+        m = cyc.store.training_runs(rnd.id)[-1]["metrics"]
+        assert m["distill_steps"] > 0

@@ -24,6 +24,18 @@ Logged per step: loss, grad_norm, ratio_mean, clip_fraction (tokens whose ratio 
 direction of their advantage), kl (k3 estimate to the reference), entropy (mean token entropy);
 `PolicyGuard` fails the stage on a NaN, an exploding gradient or ratio, or an entropy collapse.
 
+On-policy distillation (stage "distill", `prepare_distill`) is the same step with a per-token
+advantage instead of a per-answer one (the divergence family; Agarwal et al.'s on-policy KD,
+Thinking Machines' on-policy distillation):
+
+    A_t = coef * (logp_teacher(t) - logp_old(t))
+
+whose expectation over the student's own samples is minus the reverse KL from the student to the
+teacher, so the step lowers KL(student || teacher) where the student actually goes. The teacher's
+log-probabilities were computed in the daemon (stored in teacher_logprobs, same tokenizer, same
+rendered prompt) and arrive with each row; the loss is normalised per token. Logged besides:
+reverse_kl, the mean over the step's tokens of logp_theta - logp_teacher.
+
 One process only: the configuration refuses an RL stage with num_processes > 1.
 """
 
@@ -47,10 +59,11 @@ class StageSkipped(TrainingError):
 class Example:
     ids: list[int]  # prompt + answer tokens
     prompt_len: int
-    advantage: float
+    advantage: Any  # a float (one per answer, GRPO) or a tensor [answer tokens] (distillation)
     sampler: list[float] | None  # the engine's log-probability of each answer token
     old: Any = None  # tensor [answer tokens]: the incumbent's log-probabilities, in this trainer
     ref: Any = None  # tensor [answer tokens]: the reference's (kl_beta > 0)
+    teacher: Any = None  # tensor [answer tokens]: the teacher's log-probabilities (distillation)
 
 
 def prepare(spec, tok, model, groups: list[dict[str, Any]]) -> tuple[list[Example], dict[str, Any]]:
@@ -92,6 +105,62 @@ def prepare(spec, tok, model, groups: list[dict[str, Any]]) -> tuple[list[Exampl
                            "(older rounds, or an engine that cannot return them) and training.rl.missing_logprobs = 'skip'")
     if not examples:
         raise StageSkipped(f"none of the {n} samples is trainable within training.max_length = {tc.max_length} tokens")
+    _incumbent_logps(tc, model, examples)
+    rewards = [float(s["reward"]) for g in groups for s in g["samples"]]
+    info = {"grpo_groups": len(groups), "grpo_samples": n, "grpo_examples": len(examples),
+            "grpo_missing_logprobs": missing, "grpo_too_long": too_long,
+            "grpo_group_reward_mean": round(sum(rewards) / len(rewards), 4)}
+    return examples, info
+
+
+def prepare_distill(spec, tok, model, rows: list[dict[str, Any]]) -> tuple[list[Example], dict[str, Any]]:
+    """Examples of the round's distillation rows (spec.DATA_FORMAT kind "distill") with the
+    incumbent's log-probabilities and the per-token advantage coef * (teacher - incumbent); call
+    before any stage trains. StageSkipped when fewer than training.distill.min_samples are usable."""
+    import torch
+
+    from selfdistill.engines.local import render
+
+    tc = spec.training_config()
+    dc = tc.distill
+    examples: list[Example] = []
+    bad = too_long = 0
+    prompts: dict[str, list[int]] = {}
+    for r in rows:
+        ids, t_lps, lps = r.get("token_ids") or [], r.get("teacher_logprobs") or [], r.get("logprobs")
+        if not ids or len(t_lps) != len(ids) or (lps is not None and len(lps) != len(ids)):
+            bad += 1
+            continue
+        if r["prompt"] not in prompts:
+            prompts[r["prompt"]] = render(tok, chat_messages(r["prompt"], spec.system_prompt))
+        p_ids = prompts[r["prompt"]]
+        room = tc.max_length - len(p_ids)
+        if room < 1:
+            too_long += 1
+            continue
+        examples.append(Example(list(p_ids) + list(ids[:room]), len(p_ids), None, lps[:room] if lps is not None else None,
+                                teacher=torch.tensor(t_lps[:room], dtype=torch.float32)))
+    if len(examples) < dc.min_samples:
+        raise StageSkipped(f"{len(examples)} samples scored by the teacher < training.distill.min_samples {dc.min_samples}"
+                           + (f" ({bad} with mismatched log-probabilities, {too_long} over training.max_length)" if bad or too_long else ""))
+    _incumbent_logps(tc, model, examples)
+    gap = torch.cat([ex.old - ex.teacher for ex in examples])
+    mean, std = float(-gap.mean()), float(gap.std()) if gap.numel() > 1 else 1.0
+    for ex in examples:
+        a = ex.teacher - ex.old
+        if dc.baseline != "none":
+            a = a - mean
+        if dc.baseline == "whiten":
+            a = a / (std + 1e-6)
+        ex.advantage = dc.coef * a
+    info = {"distill_samples": len(examples), "distill_rejected": bad, "distill_too_long": too_long,
+            "distill_reverse_kl_before": round(float(gap.mean()), 6)}
+    return examples, info
+
+
+def _incumbent_logps(tc, model, examples: list[Example]) -> None:
+    """Fill each example's `old` (the incumbent's log-probabilities, the model as it is now) and,
+    with a KL term, its `ref` (training.reference)."""
     import torch
 
     model.eval()
@@ -99,7 +168,7 @@ def prepare(spec, tok, model, groups: list[dict[str, Any]]) -> tuple[list[Exampl
         for batch in _batches(examples, tc.batch_size):
             for ex, lp in zip(batch, _answer_logps(model, batch)[0]):
                 ex.old = lp.float()
-        if rl.kl_beta > 0:
+        if tc.rl.kl_beta > 0:
             if tc.reference == "incumbent":  # the incumbent sampled: its log-probabilities are logp_old
                 for ex in examples:
                     ex.ref = ex.old
@@ -108,11 +177,6 @@ def prepare(spec, tok, model, groups: list[dict[str, Any]]) -> tuple[list[Exampl
                     for batch in _batches(examples, tc.batch_size):
                         for ex, lp in zip(batch, _answer_logps(model, batch)[0]):
                             ex.ref = lp.float()
-    rewards = [float(s["reward"]) for g in groups for s in g["samples"]]
-    info = {"grpo_groups": len(groups), "grpo_samples": n, "grpo_examples": len(examples),
-            "grpo_missing_logprobs": missing, "grpo_too_long": too_long,
-            "grpo_group_reward_mean": round(sum(rewards) / len(rewards), 4)}
-    return examples, info
 
 
 def _batches(examples: list[Example], size: int):
@@ -162,25 +226,28 @@ def token_loss(lp, ex: Example, rl):
     return per_tok, ratio, kl
 
 
-def train(spec, model, examples: list[Example], log: list[dict[str, float]], inject_nan_at: int | None = None) -> int:
-    """Optimise the LoRA on `examples` for `passes` passes; the number of optimizer steps.
+def train(spec, model, examples: list[Example], log: list[dict[str, float]], inject_nan_at: int | None = None,
+          stage: str = "grpo") -> int:
+    """Optimise the LoRA on `examples` for the stage's passes ("grpo": training.rl, "distill":
+    training.distill); the number of optimizer steps.
 
     Raises TrainingError (via the caller's RoundFailed) with the guard's reason."""
     import torch
 
     tc = spec.training_config()
     rl = tc.rl
-    guard = PolicyGuard(explode_grad_norm=tc.explode_grad_norm, max_ratio=rl.max_ratio, min_entropy=rl.min_entropy)
+    guard = PolicyGuard(explode_grad_norm=tc.explode_grad_norm, max_ratio=rl.max_ratio, min_entropy=rl.min_entropy, stage=stage)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=rl.learning_rate or tc.learning_rate / 4, weight_decay=0.0)
-    norm = LOSS_NORMALISATION[rl.variant]
+    own = tc.distill if stage == "distill" else rl
+    opt = torch.optim.AdamW(params, lr=own.learning_rate or tc.learning_rate / 4, weight_decay=0.0)
+    norm = "token_mean" if stage == "distill" else LOSS_NORMALISATION[rl.variant]
     longest = max(len(ex.ids) - ex.prompt_len for ex in examples)
     rng = random.Random(spec.seed)
     micro = tc.batch_size
     per_step = micro * tc.grad_accum
     step = 0
     model.train()
-    for _ in range(rl.passes):
+    for _ in range(own.passes):
         order = list(examples)
         rng.shuffle(order)
         for s in range(0, len(order), per_step):
@@ -189,7 +256,7 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
                 params[0].data.fill_(math.nan)
             opt.zero_grad(set_to_none=True)
             tokens = sum(len(ex.ids) - ex.prompt_len for ex in chunk)
-            stats = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0}
+            stats = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reverse_kl": 0.0}
             for mb in _batches(chunk, micro):
                 logps, ent = _answer_logps(model, mb, entropy=True)
                 total = 0.0
@@ -198,6 +265,8 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
                     a = ex.advantage
                     if kl is not None:
                         stats["kl"] += float(kl.detach().sum())
+                    if ex.teacher is not None:
+                        stats["reverse_kl"] += float((lp.detach() - ex.teacher).sum())
                     if norm == "answer_mean":
                         total = total + per_tok.mean() / len(chunk)
                     elif norm == "constant":
@@ -215,6 +284,8 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
             entry = {"loss": stats["loss"], "grad_norm": grad, "ratio_mean": stats["ratio"] / max(1, stats["tokens"]),
                      "clip_fraction": stats["clipped"] / max(1, stats["tokens"]), "kl": stats["kl"] / max(1, stats["tokens"]),
                      "entropy": stats["entropy"], "step": step + 1}
+            if stage == "distill":
+                entry["reverse_kl"] = stats["reverse_kl"] / max(1, stats["tokens"])
             log.append(entry)
             reason = guard.observe(entry, step + 1)
             if reason:
@@ -224,13 +295,17 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
     return step
 
 
-def stage_metrics(log: list[dict[str, float]]) -> dict[str, Any]:
-    """The stage's figures for the result: clip fraction and KL per step summarised, entropy first and last."""
+def stage_metrics(log: list[dict[str, float]], stage: str = "grpo") -> dict[str, Any]:
+    """The stage's figures for the result: clip fraction and KL per step summarised, entropy (and,
+    distilling, the reverse KL to the teacher) first and last."""
     if not log:
         return {}
-    m: dict[str, Any] = {"grpo_clip_fraction": round(sum(e["clip_fraction"] for e in log) / len(log), 4),
-                         "grpo_kl": round(sum(e["kl"] for e in log) / len(log), 6),
-                         "grpo_ratio_mean": round(sum(e["ratio_mean"] for e in log) / len(log), 4),
-                         "grpo_entropy_first": round(log[0]["entropy"], 4), "grpo_entropy_last": round(log[-1]["entropy"], 4),
-                         "grpo_loss_first": log[0]["loss"], "grpo_loss_last": log[-1]["loss"]}
+    p = stage
+    m: dict[str, Any] = {f"{p}_clip_fraction": round(sum(e["clip_fraction"] for e in log) / len(log), 4),
+                         f"{p}_kl": round(sum(e["kl"] for e in log) / len(log), 6),
+                         f"{p}_ratio_mean": round(sum(e["ratio_mean"] for e in log) / len(log), 4),
+                         f"{p}_entropy_first": round(log[0]["entropy"], 4), f"{p}_entropy_last": round(log[-1]["entropy"], 4),
+                         f"{p}_loss_first": log[0]["loss"], f"{p}_loss_last": log[-1]["loss"]}
+    if "reverse_kl" in log[0]:
+        m.update({f"{p}_reverse_kl_first": round(log[0]["reverse_kl"], 6), f"{p}_reverse_kl_last": round(log[-1]["reverse_kl"], 6)})
     return m

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfdistill.config import RL_STAGES
 from selfdistill.errors import TrainingError
 from selfdistill.records import chat_messages
 from selfdistill.training.guards import Guard
@@ -346,10 +347,12 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         if spec.incumbent_adapter_dir is not None:
             check_adapter_dir(spec.incumbent_adapter_dir)
         data = read_data(spec.data_path)
-        sft_rows, pair_rows, groups = data["sft"], data["pair"], data["group"]
+        sft_rows, pair_rows, groups, distill_rows = data["sft"], data["pair"], data["group"], data["distill"]
         metrics.update(examples=len(sft_rows), pairs=len(pair_rows))
         if groups:
             metrics["groups"] = len(groups)
+        if distill_rows:
+            metrics["distill_answers"] = len(distill_rows)
         if spec.purpose == "reward_model":
             return _reward_model_round(spec, pair_rows, metrics, started)
         forced = _test_outcome(spec.round_id)
@@ -361,7 +364,8 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         for stage in tc.stages():
             have, need, what = {"sft": (len(sft_rows), tc.min_sft_examples, "SFT examples"),
                                 "dpo": (len(pair_rows), tc.min_pairs, "pairs"),
-                                "grpo": (len(groups), tc.rl.min_groups, "groups with differing rewards")}[stage]
+                                "grpo": (len(groups), tc.rl.min_groups, "groups with differing rewards"),
+                                "distill": (len(distill_rows), tc.distill.min_samples, "samples scored by the teacher")}[stage]
             if have < need:
                 stages[stage] = f"skipped: {have} {what} < {need} needed"
             else:
@@ -381,17 +385,20 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         incumbent_snapshot = None
         if spec.incumbent_adapter_dir is not None and tc.reference == "incumbent" and "dpo" in todo:
             incumbent_snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
-        examples = None
-        if "grpo" in todo:
+        examples: dict[str, list] = {}
+        for stage in [s for s in todo if s in RL_STAGES]:
             from selfdistill.training import policy_gradient as pg
 
             t = time.monotonic()
-            try:  # before any stage trains: the model is the incumbent that sampled the groups
-                examples, info = pg.prepare(spec, tok, model, groups)
-                metrics.update(info, grpo_prepare_s=round(time.monotonic() - t, 3))
+            try:  # before any stage trains: the model is the incumbent that sampled the answers
+                if stage == "grpo":
+                    examples[stage], info = pg.prepare(spec, tok, model, groups)
+                else:
+                    examples[stage], info = pg.prepare_distill(spec, tok, model, distill_rows)
+                metrics.update(info, **{f"{stage}_prepare_s": round(time.monotonic() - t, 3)})
             except pg.StageSkipped as e:
-                stages["grpo"] = f"skipped: {e}"
-                todo.remove("grpo")
+                stages[stage] = f"skipped: {e}"
+                todo.remove(stage)
             if not todo:
                 return _all_skipped(stages, metrics, started)
 
@@ -408,13 +415,16 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
                 log: list[dict[str, float]] = []
                 callbacks = _callbacks(guard, log, int(inject) if inject and i == 0 else None)
                 t = time.monotonic()
-                if stage == "grpo":
+                if stage in RL_STAGES:
+                    exs = examples[stage]
                     try:
-                        steps = pg.train(spec, model, examples, log, int(inject) if inject and i == 0 else None)
+                        steps = pg.train(spec, model, exs, log, int(inject) if inject and i == 0 else None, stage=stage)
                     except TrainingError as e:
                         raise RoundFailed(str(e)) from None
-                    metrics.update(_stage_metrics(stage, log, len(groups), time.monotonic() - t, steps), **pg.stage_metrics(log))
-                    metrics["grpo_tokens"] = sum(len(ex.ids) - ex.prompt_len for ex in examples) * tc.rl.passes
+                    rows = len(groups) if stage == "grpo" else len(exs)
+                    metrics.update(_stage_metrics(stage, log, rows, time.monotonic() - t, steps), **pg.stage_metrics(log, stage))
+                    passes = tc.rl.passes if stage == "grpo" else tc.distill.passes
+                    metrics[f"{stage}_tokens"] = sum(len(ex.ids) - ex.prompt_len for ex in exs) * passes
                     stages[stage] = "trained"
                     continue
                 if stage == "sft":

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfdistill.config import LoraConfig, TrainingConfig
-from selfdistill.records import GroupRecord, PairRecord, SftRecord
+from selfdistill.records import DistillRecord, GroupRecord, PairRecord, SftRecord
 
 DATA_FORMAT = """\
 One JSON object per line, three kinds, in any order:
@@ -25,17 +25,22 @@ One JSON object per line, three kinds, in any order:
   {"kind": "pair",  "prompt": "...", "chosen": "...", "rejected": "...", "weight": 1.0}
   {"kind": "group", "prompt": "...", "weight": 1.0, "samples": [
       {"completion": "...", "reward": 1.0, "token_ids": [...] | null, "logprobs": [...] | null}, ...]}
+  {"kind": "distill", "prompt": "...", "weight": 1.0, "token_ids": [...], "logprobs": [...] | null,
+   "teacher_logprobs": [...]}
 `prompt` is the task prompt as stored (no chat markup): the child renders it with
 records.chat_messages(prompt, system_prompt) and the tokenizer's chat template, exactly as
 generation does. `weight` is the sampling weight of the row (rows with weight 0 are dropped). A
 group is one task's answers sampled by the incumbent for the policy-gradient stage; `token_ids`
-and `logprobs` are the sampled tokens and the sampler's log-probability of each (temperature 1)."""
+and `logprobs` are the sampled tokens and the sampler's log-probability of each (temperature 1).
+A distill row is one such answer with the teacher's log-probability of each of its tokens (the
+on-policy distillation stage)."""
 
-KINDS = ("sft", "pair", "group")
+KINDS = ("sft", "pair", "group", "distill")
 
 
-def write_round_data(path: Path, sft: list[SftRecord], pairs: list[PairRecord], groups: list[GroupRecord] = ()) -> Path:
-    """Write a round's SFT examples, pairs and groups in DATA_FORMAT; returns `path`."""
+def write_round_data(path: Path, sft: list[SftRecord], pairs: list[PairRecord], groups: list[GroupRecord] = (),
+                     distill: list[DistillRecord] = ()) -> Path:
+    """Write a round's SFT examples, pairs, groups and distillation samples in DATA_FORMAT; returns `path`."""
     with open(path, "w") as f:
         for r in sft:
             f.write(json.dumps({"kind": "sft", "prompt": r.prompt, "completion": r.completion, "weight": r.weight}) + "\n")
@@ -45,11 +50,14 @@ def write_round_data(path: Path, sft: list[SftRecord], pairs: list[PairRecord], 
             samples = [{"completion": s.completion, "reward": s.reward, "token_ids": s.token_ids, "logprobs": s.logprobs}
                        for s in g.samples]
             f.write(json.dumps({"kind": "group", "prompt": g.prompt, "weight": g.weight, "samples": samples}) + "\n")
+        for d in distill:
+            f.write(json.dumps({"kind": "distill", "prompt": d.prompt, "weight": d.weight, "token_ids": d.token_ids,
+                                "logprobs": d.logprobs, "teacher_logprobs": d.teacher_logprobs}) + "\n")
     return path
 
 
 def read_round_data(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """The rows of a round's data file by kind ("sft", "pair", "group"; rows with weight 0 are
+    """The rows of a round's data file by kind ("sft", "pair", "group", "distill"; rows with weight 0 are
     dropped); ValueError names the line of a row of unknown kind."""
     out: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     with open(path) as f:

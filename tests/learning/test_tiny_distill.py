@@ -1,0 +1,83 @@
+"""On-policy distillation from a teacher's token log-probabilities raises held-out accuracy.
+
+The real daemon as a process with a real local teacher: the tiny model exactly as built (random
+weights) is the student, and the same model fully fine-tuned for a few seconds to answer every
+"Tell me about ..." with a number is the teacher (one character tokenizer, so the teacher can
+score the student's token ids). `algorithm = "distill"` and nothing else: each round the student
+answers 120 train tasks 8 times at T = 1, the daemon has the teacher score every sampled token
+(stored in teacher_logprobs with the teacher and its tokenizer's fingerprint), and the training
+child takes the policy-gradient step whose per-token advantage is teacher minus student
+log-probability (reverse KL on the student's own samples). No answer, reward or verifier verdict
+reaches training: the digit verifier only gates (greedy held-out, paired exact McNemar, alpha 0.05).
+
+Measured (2026-12-02, 2 shared cores): see the module's test output (DISTILL line) and
+benchmarks/RESULTS.md, "On-policy distillation".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+from learning_helpers import bootstrap, rows
+from sd_testutil import merged, tiny_policy_data, write_policy
+
+from selfdistill.models import build_tiny_model
+
+WORDS = ["sea", "tree", "cat", "house", "river", "road", "star", "book", "song", "stone"]
+
+
+def tasks_file(path, n: int, seed: int):
+    rng = random.Random(seed)
+    items = [{"prompt": f"Tell me about the {rng.choice(WORDS)} number {rng.randrange(1000)}.", "category": "digits"} for _ in range(n)]
+    path.write_text("".join(json.dumps(t) + "\n" for t in items))
+    return path, items
+
+
+def distill_policy(tmp_path, student, teacher, tasks, **training):
+    return write_policy(tmp_path / "distill.toml", merged(tiny_policy_data(student, "transformers"), {
+        "teacher": {"kind": "transformers", "model": str(teacher)},
+        "tasks": {"per_round": 120, "heldout_fraction": 0.3, "sources": [{"type": "jsonl", "path": str(tasks)}]},
+        "generation": {"samples_per_task": 8, "temperature": 1.0, "max_tokens": 8},
+        "training": {"algorithm": "distill", "batch_size": 32, "max_length": 96,
+                     "distill": {"learning_rate": 2e-2, "passes": 4, "min_samples": 16}, **training},
+        "evaluation": {"heldout_items": 150, "max_tokens": 8},
+        "gates": {"test": "mcnemar", "alpha": 0.05, "min_gain": 0.0},
+    }))
+
+
+def test_on_policy_distillation_from_a_local_teacher_beats_the_incumbent(tmp_path, tiny_model_dir):
+    _, items = tasks_file(tmp_path / "teacher_tasks.jsonl", 300, seed=1)
+    teacher = build_tiny_model(tmp_path / "teacher")
+    numbers = random.Random(2)
+    bootstrap(teacher, [{"prompt": t["prompt"], "completion": str(numbers.randrange(100))} for t in items], 150,
+              batch_size=32, lr=3e-3, threads=1)
+    tasks, _ = tasks_file(tmp_path / "tasks.jsonl", 600, seed=0)
+    policy = distill_policy(tmp_path, tiny_model_dir, teacher, tasks)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "daemon.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "selfdistill", "run", str(policy), "--burst", "--max-rounds", "2"],
+                              cwd=tmp_path, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=900)
+    assert proc.returncode in (0, 10), (tmp_path / "daemon.log").read_text()[-3000:]
+    db = tmp_path / "state" / "selfdistill.db"
+    rounds = [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows(db, "SELECT id, decision, metrics FROM rounds ORDER BY id")]
+    runs = [json.loads(r["metrics"] or "{}") for r in rows(db, "SELECT metrics FROM training_runs WHERE status = 'succeeded'")]
+    stored = rows(db, "SELECT t.teacher, t.tokenizer, count(*) AS n, sum(length(t.logprobs)) AS bytes, g.round_id FROM teacher_logprobs t "
+                      "JOIN generations g ON g.id = t.generation_id GROUP BY g.round_id, t.teacher, t.tokenizer")
+    figures = [{"round": r["id"], "decision": r["decision"], "incumbent": r["metrics"].get("incumbent_accuracy"),
+                "candidate": r["metrics"].get("candidate_accuracy"), "p": r["metrics"].get("p_value"),
+                "distill": r["metrics"].get("distill")} for r in rounds]
+    print("\nDISTILL " + json.dumps({"rounds": figures, "stored": stored}))
+    assert runs and all(m["distill_steps"] > 0 and "sft_steps" not in m and "grpo_steps" not in m for m in runs), runs
+    assert stored and all(s["teacher"] == str(teacher) and s["tokenizer"].startswith("sha256:") for s in stored), stored
+    promoted = [f for f in figures if f["decision"] == "promote"]
+    assert promoted, figures
+    assert all(f["p"] < 0.05 and f["candidate"] > f["incumbent"] for f in promoted), figures
+    assert promoted[-1]["candidate"] >= figures[0]["incumbent"] + 0.3, figures
+    first, second = figures[0]["distill"], figures[1]["distill"]
+    assert first["teacher_tokens"] > 0 and first["samples"] == 120 * 8, first
+    # the promoted student's own samples are closer to the teacher: the reverse KL fell
+    assert figures[0]["decision"] == "promote" and second["reverse_kl_before"] < first["reverse_kl_before"] - 0.3, figures
