@@ -398,8 +398,11 @@ class EvaluationConfig(_Model):
     heldout_items: int = Field(200, ge=1, description="Held-out tasks each evaluation answers (same items, same seed).")
     max_tokens: int = Field(128, ge=1, description="Tokens per evaluation answer (greedy).")
     pairwise_judge: Literal["none", "teacher", "self"] = Field(
-        "none", description="Not built yet, so any value but 'none' is refused: judging candidate vs incumbent answers in both orders."
+        "none", description="A judge compares the candidate's and the incumbent's held-out answers in both orders; "
+        "the candidate's win rate is gated by gates.min_win_rate (its settings: scoring.teacher_judge / self_judge)."
     )
+    pairwise_items: int = Field(100, ge=1, description="Held-out items judged pairwise (the first ones; two judge calls per item "
+                                "whose answers differ, none where they are the same).")
     anchor_prompts: list[str] = Field(
         default_factory=lambda: [
             "Write one sentence about the sea.",
@@ -423,7 +426,8 @@ class GateConfig(_Model):
     max_repetition: float = Field(0.5, ge=0, le=1, description="Sanity: most share of repeated 4-grams in an answer, on average.")
     max_length_ratio: float = Field(3.0, ge=1, description="Sanity: mean answer length may not change by more than this factor.")
     min_win_rate: float = Field(
-        0.5, ge=0, le=1, description="Not built yet, so setting it is refused: least pairwise win rate of the candidate."
+        0.5, ge=0, le=1, description="Least pairwise win rate of the candidate against the incumbent (evaluation.pairwise_judge; "
+        "a tie or an inconsistent verdict counts one half)."
     )
     bootstrap_samples: int = Field(2000, ge=100, description="Resamples of the bootstrap test.")
 
@@ -547,17 +551,11 @@ class Policy(_Model):
         if needs_teacher and self.teacher is None:
             problems.append("a teacher is used (teacher_judge / teacher_label / teacher_revise / expansion by teacher / "
                             f"training.algorithm = {self.training.algorithm!r}) but no [teacher] table is given")
-        # kept in the model so that the refusal says why, rather than "unknown key"
-        if self.evaluation.pairwise_judge != "none":
-            problems.append(
-                f"evaluation.pairwise_judge = {self.evaluation.pairwise_judge!r} is not used yet "
-                "(pairwise judging of candidate against incumbent is not built); remove the key"
-            )
-        if "min_win_rate" in self.gates.model_fields_set:
-            problems.append(
-                f"gates.min_win_rate = {self.gates.min_win_rate:g} is not used yet "
-                "(it gates on pairwise judging of candidate against incumbent, which is not built); remove the key"
-            )
+        if self.evaluation.pairwise_judge == "teacher" and self.teacher is None:
+            problems.append("evaluation.pairwise_judge = 'teacher' but no [teacher] table is given")
+        if "min_win_rate" in self.gates.model_fields_set and self.evaluation.pairwise_judge == "none":
+            problems.append(f"gates.min_win_rate = {self.gates.min_win_rate:g} gates nothing while evaluation.pairwise_judge = 'none': "
+                            "set evaluation.pairwise_judge = 'teacher' or 'self', or remove the key")
         if self.schedule.outside_windows == "idle" and not self.schedule.train_windows:
             problems.append(
                 "schedule.outside_windows = 'idle' needs schedule.train_windows "

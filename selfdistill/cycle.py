@@ -869,13 +869,53 @@ class Cycle:
                         also=lambda: self.store.set_checkpoint_status(cand, "failed", why))
             return
         i_m, c_m = inc_ev["heldout"].metrics, cand_ev["heldout"].metrics
+        pairwise = self.pairwise(rid, inc_ev["heldout"], cand_ev["heldout"]) if self.policy.evaluation.pairwise_judge != "none" else None
         with self.store.transaction():
             self.store.merge_round_metrics(rid, {
                 "incumbent_accuracy": i_m.get("accuracy"), "candidate_accuracy": c_m.get("accuracy"),
                 "incumbent_ci": [i_m.get("ci_low"), i_m.get("ci_high")], "candidate_ci": [c_m.get("ci_low"), c_m.get("ci_high")],
+                **({"pairwise": pairwise} if pairwise else {}),
             })
             self.store.record_phase(rid, "evaluate", t0, {"items": i_m.get("n")}, "decide")
         self.say(rid, "evaluate", incumbent=_acc(i_m), candidate=_acc(c_m))
+
+    def pairwise(self, rid: int, inc_ev, cand_ev) -> dict[str, Any]:
+        """The candidate's win rate against the incumbent by the pairwise judge
+        (evaluation.pairwise_judge) on the first pairwise_items held-out items, each asked in both
+        orders (judges.judge_pairwise): a win counts 1, a loss 0, a tie (the same answer, a
+        position-following or unparseable verdict) one half. A judge whose verdicts followed the
+        position more than its max_position_bias, or that failed its anchor check, is not trusted:
+        the gate then fails (`trusted`, `problem`). An engine error propagates (the phase retries)."""
+        from selfdistill.scoring.judges import judge_pairwise
+
+        ev_cfg, sc = self.policy.evaluation, self.policy.scoring
+        who = ev_cfg.pairwise_judge
+        cfg = sc.teacher_judge if who == "teacher" else sc.self_judge
+        tasks = {t.id: t for t in self.heldout_tasks()}
+        inc_text = {i["task_id"]: i["text"] or "" for i in inc_ev.items}
+        ids = [i["task_id"] for i in cand_ev.items if i["task_id"] in inc_text and i["task_id"] in tasks][: ev_cfg.pairwise_items]
+        cand_text = {i["task_id"]: i["text"] or "" for i in cand_ev.items}
+        differ = [tid for tid in ids if cand_text[tid].strip() != inc_text[tid].strip()]
+        engine, adapter = (self.teacher, None) if who == "teacher" else (self.engine, self.serving.adapter_for(self.current_id()))
+        verdicts = judge_pairwise(engine, [(self.prompt_text(tasks[t]), cand_text[t], inc_text[t]) for t in differ], cfg,
+                                  adapter=adapter) if differ else []
+        wins = sum(v.winner == "a" for v in verdicts)
+        losses = sum(v.winner == "b" for v in verdicts)
+        biased = sum(v.position_biased for v in verdicts)
+        unparseable = sum(v.unparseable for v in verdicts)
+        n = len(ids)
+        win_rate = (wins + 0.5 * (n - wins - losses)) / n if n else 0.5
+        problem = None
+        if who in self.unhealthy_judges():
+            problem = f"pairwise judge '{who}' failed its anchor check (judge_health)"
+        elif verdicts and biased / len(verdicts) > cfg.max_position_bias:
+            problem = (f"pairwise judge '{who}' followed the answers' position in {biased} of {len(verdicts)} comparisons "
+                       f"(> max_position_bias {cfg.max_position_bias:g})")
+        out = {"judge": who, "items": n, "judged": len(verdicts), "same_answer": n - len(differ), "wins": wins, "losses": losses,
+               "position_biased": biased, "unparseable": unparseable, "win_rate": round(win_rate, 4), "trusted": problem is None,
+               "problem": problem}
+        log("pairwise judged", round=rid, **{k: v for k, v in out.items() if v is not None})
+        return out
 
     # decide ----------------------------------------------------------------------------------
 
@@ -888,7 +928,11 @@ class Cycle:
         cats = {t.id: (t.category or "") for t in tasks}
         ids = [t.id for t in tasks]
         base_anchor = self.store.latest_evaluation("base", "anchors")
-        d = decide(self.gate_metrics(cand, ids, cats), self.gate_metrics(inc, ids, cats), self.policy.gates,
+        c_metrics = self.gate_metrics(cand, ids, cats)
+        pw = (self.store.get_round(rid).metrics or {}).get("pairwise") if self.policy.evaluation.pairwise_judge != "none" else None
+        if pw is not None:
+            c_metrics.win_rate, c_metrics.win_rate_problem = pw["win_rate"], pw.get("problem")
+        d = decide(c_metrics, self.gate_metrics(inc, ids, cats), self.policy.gates,
                    base_anchor_nll=base_anchor.metrics["nll"] if base_anchor else None)
         decision = "promote" if d.promote else "reject"
         with self.store.transaction():

@@ -54,6 +54,7 @@ class EvalMetrics:
     categories: Mapping[Hashable, str] = field(default_factory=dict)  # a missing id is category ""
     anchor_nll: float | None = None
     win_rate: float | None = None
+    win_rate_problem: str | None = None  # why the judge behind win_rate is not trusted: the rule then fails
 
     @property
     def accuracy(self) -> float:
@@ -175,7 +176,9 @@ def decide(
 
     # pairwise judging
     numbers["win_rate"] = candidate.win_rate
-    if candidate.win_rate is not None:
+    if candidate.win_rate is not None and candidate.win_rate_problem:
+        rule(False, f"pairwise win rate {candidate.win_rate:.4f} not trusted: {candidate.win_rate_problem}")
+    elif candidate.win_rate is not None:
         ok = candidate.win_rate >= cfg.min_win_rate
         rule(ok, f"pairwise win rate {candidate.win_rate:.4f} {'>=' if ok else '<'} min_win_rate {cfg.min_win_rate:g}")
 

@@ -174,7 +174,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}} pre{{white-spa
 Base held-out accuracy {acc(base)}; current {acc(now)}. Correct means the verifier's full score (partial credit counts as wrong).</p>
 {imgs}
 <h2>Rounds</h2><table><tr><th>round</th><th>phase</th><th>decision</th><th>incumbent</th><th>candidate</th>
-<th>inc. acc</th><th>cand. acc</th><th>p</th><th>RL: reward / pass / clip / KL; distillation: reverse KL / teacher tokens</th><th>reasons</th></tr>{rows}</table>
+<th>inc. acc</th><th>cand. acc</th><th>p</th><th>RL: reward / pass / clip / KL; distill: reverse KL / teacher tokens</th><th>reasons</th></tr>{rows}</table>
 <h2>Sample answers (same held-out items)</h2><table><tr><th>question</th><th>reference</th><th>base</th><th>current ({e(cur)})</th></tr>{sample_rows}</table>
 </body></html>""")
     return out

@@ -397,3 +397,62 @@ def test_a_teacher_that_answers_garbage_or_fails_stores_nothing_wrong_and_the_ro
         assert stored and all(lps == [-1.0] * len(lps) for lps in stored.values())  # only the well-formed half
         m = cyc.store.training_runs(rnd.id)[-1]["metrics"]
         assert m["distill_steps"] > 0
+
+
+def _fake_teacher(monkeypatch, mode):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from teacher_server import FakeTeacher
+
+    monkeypatch.setenv("SD_TEST_TEACHER_KEY", "sk-test")
+    return FakeTeacher(mode)
+
+
+def _pairwise_policy(url: str, min_win_rate: float) -> dict:
+    return {"teacher": {"kind": "openai", "max_tokens": 16, "endpoint": {"base_url": url, "model": "t", "api_key_env": "SD_TEST_TEACHER_KEY"}},
+            "evaluation": {"pairwise_judge": "teacher", "pairwise_items": 6}, "gates": {"min_win_rate": min_win_rate}}
+
+
+@pytest.mark.parametrize("min_win_rate", [0.5, 0.6])
+def test_the_pairwise_gate_decides_the_round_on_the_win_rate(make_cycle, monkeypatch, min_win_rate):
+    """Through a whole round: the tiny model's candidate answers the held-out items as the base
+    does (greedy newlines), so no judge is asked (two calls an item are saved where answers are
+    the same), each item is a tie, the win rate is 0.5 and the gate applies min_win_rate to it."""
+    with _fake_teacher(monkeypatch, "ok") as teacher:
+        cyc = make_cycle(_pairwise_policy(teacher.base_url, min_win_rate))
+        rnd = cyc.run_round()
+    pw = cyc.store.get_round(rnd.id).metrics["pairwise"]
+    assert (pw["items"], pw["judged"], pw["same_answer"], pw["win_rate"], pw["trusted"]) == (6, 0, 6, 0.5, True), pw
+    reasons = " ".join(rnd.reasons)
+    if min_win_rate == 0.5:
+        assert rnd.decision == "promote" and "pairwise win rate 0.5000 >= min_win_rate 0.5" in reasons, rnd.reasons
+    else:
+        assert rnd.decision == "reject" and "pairwise win rate 0.5000 < min_win_rate 0.6" in reasons, rnd.reasons
+
+
+@pytest.mark.parametrize("mode", ["ok", "biased"])
+def test_the_pairwise_judge_asks_both_orders_and_a_position_following_judge_is_not_trusted(make_cycle, monkeypatch, mode):
+    """The comparison itself, against a real teacher server on loopback (scripted: it prefers the
+    answer with a digit, then the longer, in either order; 'biased' always picks the first), on
+    answers that differ: wins and losses in both orders, ties for the same answer, and a judge
+    that follows the position is flagged, whatever win rate it gives."""
+    from types import SimpleNamespace
+
+    with _fake_teacher(monkeypatch, mode) as teacher:
+        cyc = make_cycle(_pairwise_policy(teacher.base_url, 0.5))
+        ids = [t.id for t in cyc.heldout_tasks()][:6]
+        inc = SimpleNamespace(items=[{"task_id": t, "text": "no idea"} for t in ids])
+        cand_texts = ["it is 4", "it is 12", "7", "no idea", "hmm", "no idea"]  # 3 better, 1 worse ("hmm" is shorter), 2 the same
+        cand = SimpleNamespace(items=[{"task_id": t, "text": x} for t, x in zip(ids, cand_texts)])
+        pw = cyc.pairwise(1, inc, cand)
+        asked = sum(teacher.served.values())
+    assert asked == 2 * 4  # both orders, only where the answers differ
+    assert (pw["items"], pw["judged"], pw["same_answer"]) == (6, 4, 2), pw
+    if mode == "ok":
+        assert (pw["wins"], pw["losses"], pw["position_biased"], pw["trusted"]) == (3, 1, 0, True), pw
+        assert pw["win_rate"] == pytest.approx((3 + 0.5 * 2) / 6, abs=1e-4)
+    else:
+        assert (pw["wins"], pw["losses"], pw["position_biased"], pw["win_rate"], pw["trusted"]) == (0, 0, 4, 0.5, False), pw
+        assert "followed the answers' position in 4 of 4 comparisons" in pw["problem"]

@@ -221,3 +221,12 @@ def test_gate_can_pass(gates, evaluation, problem):
         assert len(problems) == 1
         assert problems[0].startswith("gates can never pass, even for a candidate right on all")
         assert problem in problems[0]
+
+
+def test_an_untrusted_pairwise_judge_fails_the_gate_whatever_its_win_rate():
+    cand, inc = pair(100, 50, 20, 0)
+    m = metrics(cand, win=0.9)
+    m.win_rate_problem = "pairwise judge 'teacher' followed the answers' position in 40 of 50 comparisons"
+    d = decide(m, metrics(inc), GateConfig())
+    assert not d.promote
+    assert "pairwise win rate 0.9000 not trusted: pairwise judge 'teacher' followed" in failed_text(d)

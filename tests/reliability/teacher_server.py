@@ -14,6 +14,9 @@ anchor check), and as a labeller it answers "The answer is 7". Other modes:
     echo401    401 whose body echoes the request's Authorization header (a hostile or careless
                server handing the key back, to see whether it reaches an error message)
     chaos      every other request is one of the faults above, in turn; the rest are "ok"
+    biased     "ok", except that as a pairwise judge it always picks the first answer (position bias)
+
+As a pairwise judge ("ok") it prefers the answer with a digit, then the longer one, in either order.
 
 Every request's Authorization header is recorded in `auth_seen`, so a test can prove the key was
 really sent (and so really had a chance to leak).
@@ -30,10 +33,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ["down", "slow", "429", "500", "malformed", "truncated", "garbage", "echo401"]
 ANSWER_BLOCK = re.compile(r"\[ANSWER (\w+)\]\n(.*?)\n\[END ANSWER \1\]", re.S)
+PAIR_BLOCKS = re.compile(r"\[ANSWER ([AB]) (\w+)\]\n(.*?)\n\[END ANSWER \1 \2\]", re.S)
 
 
-def sane_reply(messages: list[dict]) -> str:
+def sane_reply(messages: list[dict], biased: bool = False) -> str:
     text = messages[-1]["content"] if messages else ""
+    pair = PAIR_BLOCKS.findall(text)
+    if pair:  # a pairwise judge prompt: the answer with a digit wins, then the longer (whatever the order)
+        if biased:
+            return "Verdict: A"
+        (_, _, a), (_, _, b) = pair[:2]
+        key = lambda t: (bool(re.search(r"[0-9]", t)), len(t), t)  # noqa: E731
+        return "Verdict: A" if key(a) >= key(b) else "Verdict: B"
     m = ANSWER_BLOCK.search(text)
     if m:  # a pointwise judge prompt
         return "Score: 9" if re.search(r"[0-9]", m.group(2)) else "Score: 2"
@@ -123,7 +134,7 @@ class FakeTeacher:
             send(200, json.dumps({"choices": "nope", "usage": {}}).encode())
             return
         n = int(body.get("n") or 1)
-        text = sane_reply(body.get("messages") or [])
+        text = sane_reply(body.get("messages") or [], biased=mode == "biased")
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
                     "logprobs": {"content": [{"token": "x", "logprob": -0.1}] * 3}} for i in range(n)]
         send(200, json.dumps({"id": "x", "object": "chat.completion", "model": body.get("model"), "choices": choices,
