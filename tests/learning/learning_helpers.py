@@ -32,6 +32,7 @@ from bootstrap import (  # noqa: E402, F401
 )
 
 WORDS = SPELL_WORDS
+NOUNS = ["sea", "tree", "cat", "house", "river", "road", "star", "book", "song", "stone"]  # the digit tasks' "Tell me about the X ..."
 TASK_SEED, TASK_SIZE = SPELL_TASK_SEED, 2000
 BOOT_SEED, BOOT_SIZE, BOOT_STEPS = SPELL_BOOT_SEED, SPELL_BOOT_SIZE, SPELL_BOOT_STEPS
 ROUNDS = 3
@@ -63,3 +64,30 @@ def bootstrapped(out: Path) -> tuple[Path, dict, list]:
     model = build_model(out)
     info = bootstrap(model, sft_rows(boot), BOOT_STEPS, batch_size=32, lr=3e-3, threads=1, log_every=100)
     return model, info, boot
+
+
+def run_daemon(tmp: Path, policy: Path, rounds: int, timeout: float = 600) -> Path:
+    """`selfdistill run POLICY --burst --max-rounds N` as a process in `tmp` (its log in daemon.log);
+    the store's path once it exited cleanly."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(tmp / "daemon.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "selfdistill", "run", str(policy), "--burst", "--max-rounds", str(rounds)],
+                              cwd=tmp, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=timeout)
+    assert proc.returncode in (0, 10), (tmp / "daemon.log").read_text()[-3000:]
+    return tmp / "state" / "selfdistill.db"
+
+
+def round_figures(db: Path, key: str) -> tuple[list[dict], list[dict]]:
+    """(per round: decision, incumbent and candidate accuracy, p and the round's `key` metrics;
+    the metrics of every training run that succeeded)."""
+    import json
+
+    rounds = [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows(db, "SELECT id, decision, metrics FROM rounds ORDER BY id")]
+    runs = [json.loads(r["metrics"] or "{}") for r in rows(db, "SELECT metrics FROM training_runs WHERE status = 'succeeded'")]
+    figures = [{"round": r["id"], "decision": r["decision"], "incumbent": r["metrics"].get("incumbent_accuracy"),
+                "candidate": r["metrics"].get("candidate_accuracy"), "p": r["metrics"].get("p_value"), key: r["metrics"].get(key)}
+               for r in rounds]
+    return figures, runs

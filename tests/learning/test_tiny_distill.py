@@ -17,22 +17,17 @@ benchmarks/RESULTS.md, "On-policy distillation".
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 
-from learning_helpers import bootstrap, rows
+from learning_helpers import NOUNS, bootstrap, round_figures, rows, run_daemon
 from sd_testutil import merged, tiny_policy_data, write_policy
 
 from selfdistill.models import build_tiny_model
 
-WORDS = ["sea", "tree", "cat", "house", "river", "road", "star", "book", "song", "stone"]
-
 
 def tasks_file(path, n: int, seed: int):
     rng = random.Random(seed)
-    items = [{"prompt": f"Tell me about the {rng.choice(WORDS)} number {rng.randrange(1000)}.", "category": "digits"} for _ in range(n)]
+    items = [{"prompt": f"Tell me about the {rng.choice(NOUNS)} number {rng.randrange(1000)}.", "category": "digits"} for _ in range(n)]
     path.write_text("".join(json.dumps(t) + "\n" for t in items))
     return path, items
 
@@ -57,19 +52,10 @@ def test_on_policy_distillation_from_a_local_teacher_beats_the_incumbent(tmp_pat
               batch_size=32, lr=3e-3, threads=1)
     tasks, _ = tasks_file(tmp_path / "tasks.jsonl", 600, seed=0)
     policy = distill_policy(tmp_path, tiny_model_dir, teacher, tasks)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    with open(tmp_path / "daemon.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "selfdistill", "run", str(policy), "--burst", "--max-rounds", "2"],
-                              cwd=tmp_path, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=900)
-    assert proc.returncode in (0, 10), (tmp_path / "daemon.log").read_text()[-3000:]
-    db = tmp_path / "state" / "selfdistill.db"
-    rounds = [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows(db, "SELECT id, decision, metrics FROM rounds ORDER BY id")]
-    runs = [json.loads(r["metrics"] or "{}") for r in rows(db, "SELECT metrics FROM training_runs WHERE status = 'succeeded'")]
+    db = run_daemon(tmp_path, policy, rounds=2, timeout=900)
+    figures, runs = round_figures(db, "distill")
     stored = rows(db, "SELECT t.teacher, t.tokenizer, count(*) AS n, sum(length(t.logprobs)) AS bytes, g.round_id FROM teacher_logprobs t "
                       "JOIN generations g ON g.id = t.generation_id GROUP BY g.round_id, t.teacher, t.tokenizer")
-    figures = [{"round": r["id"], "decision": r["decision"], "incumbent": r["metrics"].get("incumbent_accuracy"),
-                "candidate": r["metrics"].get("candidate_accuracy"), "p": r["metrics"].get("p_value"),
-                "distill": r["metrics"].get("distill")} for r in rounds]
     print("\nDISTILL " + json.dumps({"rounds": figures, "stored": stored}))
     assert runs and all(m["distill_steps"] > 0 and "sft_steps" not in m and "grpo_steps" not in m for m in runs), runs
     assert stored and all(s["teacher"] == str(teacher) and s["tokenizer"].startswith("sha256:") for s in stored), stored

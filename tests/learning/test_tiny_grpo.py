@@ -20,21 +20,16 @@ benchmarks/rl.py (RESULTS.md).
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 
-from learning_helpers import rows
+from learning_helpers import NOUNS, round_figures, rows, run_daemon
 from sd_testutil import merged, tiny_policy_data, write_policy
-
-WORDS = ["sea", "tree", "cat", "house", "river", "road", "star", "book", "song", "stone"]
 
 
 def test_grpo_from_stored_samples_beats_the_incumbent(tmp_path, tiny_model_dir):
     rng = random.Random(0)
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"prompt": f"Tell me about the {rng.choice(WORDS)} number {i}.", "category": "digits"}) + "\n"
+    tasks.write_text("".join(json.dumps({"prompt": f"Tell me about the {rng.choice(NOUNS)} number {i}.", "category": "digits"}) + "\n"
                              for i in range(600)))
     policy = write_policy(tmp_path / "grpo.toml", merged(tiny_policy_data(tiny_model_dir, "transformers"), {
         "tasks": {"per_round": 150, "heldout_fraction": 0.3, "sources": [{"type": "jsonl", "path": str(tasks)}]},
@@ -43,19 +38,10 @@ def test_grpo_from_stored_samples_beats_the_incumbent(tmp_path, tiny_model_dir):
         "evaluation": {"heldout_items": 180, "max_tokens": 8},
         "gates": {"test": "mcnemar", "alpha": 0.05, "min_gain": 0.0},
     }))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    with open(tmp_path / "daemon.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "selfdistill", "run", str(policy), "--burst", "--max-rounds", "2"],
-                              cwd=tmp_path, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=600)
-    assert proc.returncode in (0, 10), (tmp_path / "daemon.log").read_text()[-3000:]
-    db = tmp_path / "state" / "selfdistill.db"
-    rounds = [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows(db, "SELECT id, decision, metrics FROM rounds ORDER BY id")]
-    runs = [json.loads(r["metrics"] or "{}") for r in rows(db, "SELECT metrics FROM training_runs WHERE status = 'succeeded'")]
+    db = run_daemon(tmp_path, policy, rounds=2)
+    figures, runs = round_figures(db, "rl")
     passed = [r["p"] for r in rows(db, "SELECT g.round_id, avg(s.correct) AS p FROM scores s JOIN generations g ON g.id = s.generation_id "
                                        "WHERE g.purpose = 'train' GROUP BY g.round_id ORDER BY g.round_id")]
-    figures = [{"round": r["id"], "decision": r["decision"], "incumbent": r["metrics"].get("incumbent_accuracy"),
-                "candidate": r["metrics"].get("candidate_accuracy"), "p": r["metrics"].get("p_value"), "rl": r["metrics"].get("rl")}
-               for r in rounds]
     print("\nGRPO " + json.dumps({"rounds": figures, "sample_pass_rate": passed}))
     assert runs and all(m["grpo_steps"] > 0 and m["grpo_missing_logprobs"] == 0 and "sft_steps" not in m for m in runs), runs
     promoted = [f for f in figures if f["decision"] == "promote"]
