@@ -694,7 +694,7 @@ class Cycle:
         if self._teacher_tokenizer is not None:
             return self._teacher_tokenizer
         from selfdistill.errors import PolicyError
-        from selfdistill.models import TOKENIZER_PROBE, tokenizer_difference, tokenizer_fingerprint
+        from selfdistill.models import TOKENIZER_PROBE, compare_tokenizers
 
         t = self.policy.teacher
         fix = "use a teacher of the student's family (same tokenizer and chat template), or another training.algorithm"
@@ -717,11 +717,11 @@ class Cycle:
                                   f"needs one tokenizer; {fix}")
             self._teacher_tokenizer = "probe:" + hashlib.sha256(json.dumps(mine).encode()).hexdigest()[:16]
         else:
-            diff = tokenizer_difference(self.model_dir, Path(t.model))
+            diff, fingerprint = compare_tokenizers(self.model_dir, Path(t.model))
             if diff:
                 raise PolicyError(f"teacher {t.model} and student {self.model_dir}: {diff}: distilling the teacher's token "
                                   f"log-probabilities needs one tokenizer; {fix}")
-            self._teacher_tokenizer = tokenizer_fingerprint(t.model)
+            self._teacher_tokenizer = fingerprint
         return self._teacher_tokenizer
 
     def distill_data(self, rid: int) -> tuple[list, dict[str, Any]]:

@@ -204,33 +204,27 @@ def build_tiny_model(
 TOKENIZER_PROBE = "Hello, World! 12 + 345 = 357.\n  Ça va? naïve café — 日本 🙂 {x: [1, 2]}"
 
 
-def tokenizer_fingerprint(model_dir: str | os.PathLike[str]) -> str:
-    """A short hash of what decides a token id's meaning: the vocabulary, the special tokens and the
-    chat template. Two models with equal fingerprints score each other's token ids consistently
-    (the condition of distilling from a teacher's token log-probabilities)."""
+def compare_tokenizers(student_dir: Path, teacher_dir: Path) -> tuple[str | None, str]:
+    """(None when the two models share a tokenizer, else one phrase saying where they differ; the
+    teacher's tokenizer fingerprint). The fingerprint is a short hash of what decides a token id's
+    meaning: the vocabulary, the special tokens and the chat template; two models with equal
+    fingerprints score each other's token ids consistently (the condition of distilling from a
+    teacher's token log-probabilities)."""
     import hashlib
 
     from transformers import AutoTokenizer
 
     offline_env()
-    tok = AutoTokenizer.from_pretrained(str(check_model_dir(model_dir)))
-    blob = json.dumps({"vocab": sorted(tok.get_vocab().items()), "template": tok.chat_template or "",
-                       "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]}, ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def tokenizer_difference(student_dir: Path, teacher_dir: Path) -> str | None:
-    """None when the two models share a tokenizer; else one phrase saying where they differ."""
-    from transformers import AutoTokenizer
-
-    offline_env()
     a, b = (AutoTokenizer.from_pretrained(str(check_model_dir(d))) for d in (student_dir, teacher_dir))
+    blob = json.dumps({"vocab": sorted(b.get_vocab().items()), "template": b.chat_template or "",
+                       "special": [b.bos_token_id, b.eos_token_id, b.pad_token_id]}, ensure_ascii=False)
+    fingerprint = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb:
         diff = len(set(va.items()) ^ set(vb.items()))
-        return f"their vocabularies differ ({len(va)} and {len(vb)} tokens, {diff} entries not shared)"
+        return f"their vocabularies differ ({len(va)} and {len(vb)} tokens, {diff} entries not shared)", fingerprint
     if (a.chat_template or "") != (b.chat_template or ""):
-        return "their chat templates differ (the same conversation renders to different tokens)"
+        return "their chat templates differ (the same conversation renders to different tokens)", fingerprint
     if [a.bos_token_id, a.eos_token_id] != [b.bos_token_id, b.eos_token_id]:
-        return f"their special tokens differ (bos/eos {a.bos_token_id}/{a.eos_token_id} and {b.bos_token_id}/{b.eos_token_id})"
-    return None
+        return f"their special tokens differ (bos/eos {a.bos_token_id}/{a.eos_token_id} and {b.bos_token_id}/{b.eos_token_id})", fingerprint
+    return None, fingerprint

@@ -110,6 +110,13 @@ def render_all(tokenizer, prompts: Sequence[Prompt], limit: int | None, room: in
     return out
 
 
+def score_completions(engine, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None) -> list[tuple[float, int]]:
+    """Engine.score of an in-process engine: each completion tokenized by its tokenizer, scored
+    token by token (its `token_logprobs`) and summed."""
+    tails = [engine.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    return [(float(sum(lps)), len(lps)) for lps in engine.token_logprobs(prompts, tails, adapter)]
+
+
 def random_lora(model_dir: str | Path, out: str | Path, seed: int, r: int = 8, scale: float = 0.3, targets="all-linear") -> Path:
     """A peft LoRA adapter with random non-zero B (no training) saved to `out`: for tests and
     benchmarks, which need adapters that change the output without a training round."""

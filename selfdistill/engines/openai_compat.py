@@ -205,11 +205,9 @@ class OpenAIEngine:
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
     ) -> list[tuple[float, int]]:
         model = self._model(adapter)
-        tok = f"{self.root}/tokenize"
 
         def one(pc):
-            tail = self._post(tok, {"model": model, "prompt": pc[1], "add_special_tokens": False})["tokens"]
-            lps = self._token_logprobs_one(pc[0], tail, model)
+            lps = self._token_logprobs_one(pc[0], self._tokenize(pc[1], model), model)
             return float(sum(lps)), len(lps)
 
         return self._map(one, list(zip(prompts, completions)))

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
-from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all
+from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
 from selfdistill.errors import EngineError
 from selfdistill.models import check_model_dir
 
@@ -169,8 +169,7 @@ class VLLMEngine:
     def score(
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
     ) -> list[tuple[float, int]]:
-        tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-        return [(float(sum(lps)), len(lps)) for lps in self.token_logprobs(prompts, tails, adapter)]
+        return score_completions(self, prompts, completions, adapter)
 
     def token_logprobs(
         self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
