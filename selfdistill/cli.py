@@ -97,7 +97,7 @@ def status_dict(policy) -> dict[str, Any]:
             {
                 "id": r["id"], "phase": r["phase"], "status": r["status"], "decision": r["decision"],
                 "incumbent": r["incumbent_id"], "candidate": r["candidate_id"],
-                "metrics": r["metrics"], "reasons": r["reasons"],
+                "metrics": r["metrics"], "reasons": r["reasons"], "teacher_usage": store.teacher_usage(r["id"]),
                 "started_at": r["started_at"], "finished_at": r["finished_at"],
             }
             for r in store.rounds()
@@ -110,6 +110,7 @@ def status_dict(policy) -> dict[str, Any]:
             "base_metrics": base_eval["metrics"] if base_eval else None,
             "current_metrics": cur_eval["metrics"] if cur_eval else None,
             "tasks": store.count_tasks(),
+            "teacher_usage": store.teacher_usage(),
             "rounds": rounds,
             "stopped_reason": stop[0]["message"] if stop else None,
             "daemon_pid": _lock_holder(lock),
@@ -156,6 +157,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"tasks            {', '.join(f'{k} {v}' for k, v in sorted(st['tasks'].items())) or 'none'}")
     last = st["rounds"][-1] if st["rounds"] else None
     print(f"rounds           {len(st['rounds'])}" + (f"  (last: #{last['id']} {last['phase']} {last['decision'] or ''})" if last else ""))
+    if st["teacher_usage"]:
+        used = st["teacher_usage"]
+        print(f"teacher          {sum(u['requests'] for u in used.values())} requests, {sum(u['tokens'] for u in used.values())} tokens  ("
+              + ", ".join(f"{k} {u['tokens']}" for k, u in used.items()) + ")")
     if st["stopped_reason"]:
         print(f"stopped          {st['stopped_reason']}")
     return 0

@@ -125,6 +125,11 @@ class TeacherConfig(_Model):
             raise ValueError(f"kind='{self.kind}' needs `model` (a local model directory)")
         return self
 
+    @property
+    def name(self) -> str:
+        """The teacher as logs and the store name it: its model directory, or its server and served model."""
+        return self.model if self.kind != "openai" else f"{self.endpoint.base_url} {self.endpoint.model}"
+
 
 # --------------------------------------------------------------------------------------------
 # tasks
@@ -461,6 +466,10 @@ class StoppingConfig(_Model):
                                     "directory (across restarts; `run --max-rounds` counts one run).")
     max_wall_s: float | None = Field(None, gt=0, description="Stop after this much wall-clock time in this run.")
     max_generated_tokens: int | None = Field(None, ge=1, description="Stop when generations have used this many tokens in total.")
+    max_teacher_tokens: int | None = Field(
+        None, ge=1, description="The teacher's token budget, across restarts: its prompt and answered or scored tokens (table "
+        "teacher_usage). Once spent, teacher calls are refused (the round goes on without the teacher, an event says so) and the "
+        "daemon stops at the next phase boundary. Checked before each batch of requests, so a batch may pass it by its own size.")
     target_accuracy: float | None = Field(None, gt=0, le=1, description="Stop when the incumbent's held-out accuracy reaches this.")
     plateau_rounds: int | None = Field(None, ge=1, description="Stop after this many rejected rounds in a row.")
     max_regressions: int | None = Field(None, ge=1, description="Stop after this many rounds whose candidate did worse than the incumbent.")
@@ -551,6 +560,8 @@ class Policy(_Model):
         if needs_teacher and self.teacher is None:
             problems.append("a teacher is used (teacher_judge / teacher_label / teacher_revise / expansion by teacher / "
                             f"training.algorithm = {self.training.algorithm!r}) but no [teacher] table is given")
+        if self.stopping.max_teacher_tokens is not None and self.teacher is None:
+            problems.append("stopping.max_teacher_tokens is set but no [teacher] table is given: remove the key or add the teacher")
         if self.evaluation.pairwise_judge == "teacher" and self.teacher is None:
             problems.append("evaluation.pairwise_judge = 'teacher' but no [teacher] table is given")
         if "min_win_rate" in self.gates.model_fields_set and self.evaluation.pairwise_judge == "none":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfdistill.config import Policy
-from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError
+from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError, TeacherBudgetSpent
 from selfdistill.logs import log
 from selfdistill.records import Round, Task, chat_messages
 from selfdistill.service import hold_for_test, hook_seconds, sd_notify
@@ -132,12 +132,14 @@ class Cycle:
 
         return BeatingEngine(self.serving.engine, self.run.beat, GENERATE_CHUNK)
 
-    @property
-    def teacher(self):
-        from selfdistill.serving import BeatingEngine
+    def teacher(self, purpose: str, rid: int | None):
+        """The teacher's engine for one use (label, judge, distill, ...) in round `rid`: its calls are
+        counted in teacher_usage and refused once the teacher's token budget is spent."""
+        from selfdistill.serving import BeatingEngine, MeteredTeacher
 
         t = self.serving.teacher
-        return None if t is None else BeatingEngine(t, self.run.beat, GENERATE_CHUNK)
+        metered = MeteredTeacher(t, self.store, self.policy.teacher.name, purpose, rid, self.policy.stopping.max_teacher_tokens)
+        return BeatingEngine(metered, self.run.beat, GENERATE_CHUNK)
 
     def close(self) -> None:
         self.serving.close()
@@ -212,6 +214,7 @@ class Cycle:
             decided_rounds=sum(1 for r in rounds if r.decided),
             wall_s=time.time() - self.run.started,
             generated_tokens=self.store.total_generated_tokens(),
+            teacher_tokens=self.store.total_teacher_tokens(),
             incumbent_accuracy=cur_eval.metrics.get("accuracy") if cur_eval else None,
             decisions=[r.decision for r in trained],
             regressions=regress,
@@ -349,7 +352,7 @@ class Cycle:
             seeds = [t for t in self.store.tasks(split="train") if src.seeds_from in ("all", t.source)][:200]
             known = [t.prompt for t in self.store.tasks()]
             try:
-                engine = self.teacher if src.by == "teacher" else self.engine
+                engine = self.teacher("expand", rid) if src.by == "teacher" else self.engine
                 adapter = self.serving.adapter_for(self.current_id()) if src.by == "student" else None
                 res = expand_tasks(engine, seeds, src, known, random.Random(rid), adapter=adapter,
                                    system_prompt=self.policy.student.system_prompt if src.by == "student" else None)
@@ -510,7 +513,7 @@ class Cycle:
             if not cfg.enabled:
                 continue
             try:
-                engine = self.engine if who == "self" else self.teacher
+                engine = self.engine if who == "self" else self.teacher("judge", rid)
                 adapter = self.serving.adapter_for(self.current_id()) if who == "self" else None
                 last = self.store.latest_judge_health(who)
                 if last is None or rid - (last["round_id"] or 0) >= cfg.recheck_every_rounds:
@@ -555,18 +558,19 @@ class Cycle:
             from selfdistill.scoring.feedback import teacher_feedback
 
             t = self.policy.teacher
-            try:
-                t_sft, t_pairs = teacher_feedback(
-                    self.teacher, tasks, by_task, label=sc.teacher_label, revise=sc.teacher_revise,
-                    params=SamplingParams(n=1, temperature=t.temperature, max_tokens=t.max_tokens),
-                    prompt_suffix=self.policy.tasks.prompt_suffix, system_prompt=self.policy.student.system_prompt,
-                    default_verifier=self.policy.tasks.default_verifier, weight=self.policy.pairs.weights.get("teacher", 1.0))
-                sft += t_sft
-                pairs += t_pairs
-            except EngineError as e:  # the teacher is down: keep going on verifier data
-                log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
-                events.append({"kind": "teacher_unavailable", "message": f"teacher labels skipped this round: {e}",
-                               "level": "warning", "round_id": rid})
+            for use in [u for u, on in (("label", sc.teacher_label), ("revise", sc.teacher_revise)) if on]:
+                try:  # each use apart: labels already paid for are kept when the revisions fail
+                    t_sft, t_pairs = teacher_feedback(
+                        lambda purpose: self.teacher(purpose, rid), tasks, by_task, label=use == "label", revise=use == "revise",
+                        params=SamplingParams(n=1, temperature=t.temperature, max_tokens=t.max_tokens),
+                        prompt_suffix=self.policy.tasks.prompt_suffix, system_prompt=self.policy.student.system_prompt,
+                        default_verifier=self.policy.tasks.default_verifier, weight=self.policy.pairs.weights.get("teacher", 1.0))
+                    sft += t_sft
+                    pairs += t_pairs
+                except EngineError as e:  # the teacher is down or its budget spent: keep going on verifier data
+                    log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
+                    events.append({"kind": "teacher_unavailable", "message": f"teacher {use}{'s' if use == 'label' else 'd answers'} skipped this round: {e}",
+                                   "level": "warning", "round_id": rid})
         with self.store.transaction():
             for ev in events:
                 self.store.event(**ev)
@@ -708,7 +712,7 @@ class Cycle:
             tok = AutoTokenizer.from_pretrained(str(self.model_dir))
             probes = [TOKENIZER_PROBE, chat_messages(TOKENIZER_PROBE, self.policy.student.system_prompt)]
             mine = [render(tok, p) for p in probes]
-            theirs = [self.teacher.tokenize(p) for p in probes]
+            theirs = [self.serving.teacher.tokenize(p) for p in probes]
             if mine != theirs:
                 what = "text" if mine[0] != theirs[0] else "chat template"
                 raise PolicyError(f"teacher {t.endpoint.base_url} ({t.endpoint.model}) tokenizes differently from the student "
@@ -749,12 +753,12 @@ class Cycle:
         counts: dict[str, Any] = {"distill_asked": len(todo), "distill_rejected": 0, "teacher_tokens": 0}
         if todo:
             fingerprint = self.teacher_tokenizer()
-            name = t.model if t.kind != "openai" else f"{t.endpoint.base_url} {t.endpoint.model}"
+            name = t.name
             for i in range(0, len(todo), GENERATE_CHUNK):
                 chunk = todo[i:i + GENERATE_CHUNK]
                 ids = [sampled[g["id"]][0] for g in chunk]
                 try:
-                    got = self.teacher.token_logprobs([self.messages(tasks[g["task_id"]]) for g in chunk], ids)
+                    got = self.teacher("distill", rid).token_logprobs([self.messages(tasks[g["task_id"]]) for g in chunk], ids)
                 except EngineError as e:
                     log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
                     self.store.event("teacher_unavailable", f"round {rid}: distillation scored {i} of {len(todo)} answers: {e}",
@@ -885,7 +889,8 @@ class Cycle:
         orders (judges.judge_pairwise): a win counts 1, a loss 0, a tie (the same answer, a
         position-following or unparseable verdict) one half. A judge whose verdicts followed the
         position more than its max_position_bias, or that failed its anchor check, is not trusted:
-        the gate then fails (`trusted`, `problem`). An engine error propagates (the phase retries)."""
+        the gate then fails (`trusted`, `problem`), as it does when the teacher's token budget is
+        spent. Any other engine error propagates (the phase retries)."""
         from selfdistill.scoring.judges import judge_pairwise
 
         ev_cfg, sc = self.policy.evaluation, self.policy.scoring
@@ -896,17 +901,22 @@ class Cycle:
         ids = [i["task_id"] for i in cand_ev.items if i["task_id"] in inc_text and i["task_id"] in tasks][: ev_cfg.pairwise_items]
         cand_text = {i["task_id"]: i["text"] or "" for i in cand_ev.items}
         differ = [tid for tid in ids if cand_text[tid].strip() != inc_text[tid].strip()]
-        engine, adapter = (self.teacher, None) if who == "teacher" else (self.engine, self.serving.adapter_for(self.current_id()))
-        verdicts = judge_pairwise(engine, [(self.prompt_text(tasks[t]), cand_text[t], inc_text[t]) for t in differ], cfg,
-                                  adapter=adapter) if differ else []
+        engine, adapter = (self.teacher("pairwise", rid), None) if who == "teacher" else (self.engine, self.serving.adapter_for(self.current_id()))
+        unavailable = None
+        try:
+            verdicts = judge_pairwise(engine, [(self.prompt_text(tasks[t]), cand_text[t], inc_text[t]) for t in differ], cfg,
+                                      adapter=adapter) if differ else []
+        except TeacherBudgetSpent as e:  # for good: no win rate to trust, the gate fails (a passing error retries the phase)
+            log("pairwise judge unavailable", logging.WARNING, round=rid, error=str(e))
+            verdicts, unavailable = [], f"pairwise judge '{who}' unavailable: {e}"
         wins = sum(v.winner == "a" for v in verdicts)
         losses = sum(v.winner == "b" for v in verdicts)
         biased = sum(v.position_biased for v in verdicts)
         unparseable = sum(v.unparseable for v in verdicts)
         n = len(ids)
         win_rate = (wins + 0.5 * (n - wins - losses)) / n if n else 0.5
-        problem = None
-        if who in self.unhealthy_judges():
+        problem = unavailable
+        if problem is None and who in self.unhealthy_judges():
             problem = f"pairwise judge '{who}' failed its anchor check (judge_health)"
         elif verdicts and biased / len(verdicts) > cfg.max_position_bias:
             problem = (f"pairwise judge '{who}' followed the answers' position in {biased} of {len(verdicts)} comparisons "

@@ -44,6 +44,10 @@ class EngineError(SelfdistillError):
     exit_code = 5
 
 
+class TeacherBudgetSpent(EngineError):
+    """The teacher's token budget (stopping.max_teacher_tokens) is spent: no more teacher calls."""
+
+
 class TaskSourceError(SelfdistillError):
     """A task source cannot be read (missing file, unknown reasoning-gym dataset)."""
 

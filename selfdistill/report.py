@@ -26,7 +26,8 @@ def _collect(store: Store) -> dict[str, Any]:
     pairs = store.query("SELECT round_id, count(*) AS n FROM pairs GROUP BY round_id")
     sft = store.query("SELECT round_id, count(*) AS n FROM sft_examples GROUP BY round_id")
     judges = store.query("SELECT * FROM judge_health ORDER BY id")
-    return {"rounds": rounds, "phases": phases, "heldout": heldout, "pairs": {r["round_id"]: r["n"] for r in pairs},
+    return {"rounds": rounds, "teacher_usage": {r["id"]: store.teacher_usage(r["id"]) for r in rounds},
+            "phases": phases, "heldout": heldout, "pairs": {r["round_id"]: r["n"] for r in pairs},
             "sft": {r["round_id"]: r["n"] for r in sft}, "judges": judges}
 
 
@@ -156,7 +157,8 @@ def write_report(policy, out: Path | None = None) -> Path:
     rows = "".join(
         f"<tr><td>{r['id']}</td><td>{e(r['phase'])}</td><td>{e(r['decision'] or '-')}</td><td>{e(r['incumbent_id'] or '')}</td>"
         f"<td>{e(r['candidate_id'] or '')}</td><td>{_f(r['metrics'].get('incumbent_accuracy'))}</td><td>{_f(r['metrics'].get('candidate_accuracy'))}</td>"
-        f"<td>{_f(r['metrics'].get('p_value'))}</td><td>{e(_rl_cell(r['metrics']))}</td><td>{e('; '.join(r['reasons'] or []))}</td></tr>"
+        f"<td>{_f(r['metrics'].get('p_value'))}</td>"
+        f"<td>{e(_rl_cell(r['metrics'], d['teacher_usage'][r['id']]))}</td><td>{e('; '.join(r['reasons'] or []))}</td></tr>"
         for r in d["rounds"]
     )
     sample_rows = "".join(
@@ -174,21 +176,25 @@ td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}} pre{{white-spa
 Base held-out accuracy {acc(base)}; current {acc(now)}. Correct means the verifier's full score (partial credit counts as wrong).</p>
 {imgs}
 <h2>Rounds</h2><table><tr><th>round</th><th>phase</th><th>decision</th><th>incumbent</th><th>candidate</th>
-<th>inc. acc</th><th>cand. acc</th><th>p</th><th>RL: reward / pass / clip / KL; distill: reverse KL / teacher tokens</th><th>reasons</th></tr>{rows}</table>
+<th>inc. acc</th><th>cand. acc</th><th>p</th><th>RL: reward / pass / clip / KL; distill: reverse KL / teacher tokens;
+teacher tokens by use</th><th>reasons</th></tr>{rows}</table>
 <h2>Sample answers (same held-out items)</h2><table><tr><th>question</th><th>reference</th><th>base</th><th>current ({e(cur)})</th></tr>{sample_rows}</table>
 </body></html>""")
     return out
 
 
-def _rl_cell(metrics: dict[str, Any]) -> str:
-    """A round's policy-gradient figures (mean reward, pass rate, clip fraction, KL) and its
-    distillation's (reverse KL to the teacher on the incumbent's samples, teacher tokens scored)."""
+def _rl_cell(metrics: dict[str, Any], used: dict[str, dict[str, int]] | None = None) -> str:
+    """A round's policy-gradient figures (mean reward, pass rate, clip fraction, KL), its
+    distillation's (reverse KL to the teacher on the incumbent's samples, teacher tokens scored)
+    and what the teacher cost it (tokens by use, store.teacher_usage)."""
     rl, d = metrics.get("rl"), metrics.get("distill")
     parts = []
     if rl:
         parts.append(" / ".join(_f(rl.get(k)) for k in ("reward_mean", "pass_rate", "clip_fraction", "kl")))
     if d:
         parts.append(f"distill {_f(d.get('reverse_kl_before'))} / {d.get('teacher_tokens', '-')}")
+    if used:
+        parts.append("teacher " + ", ".join(f"{k} {v['tokens']}" for k, v in used.items()) + " tokens")
     return "; ".join(parts) or "-"
 
 

@@ -130,6 +130,45 @@ class Serving:
             self._teacher = None
 
 
+class MeteredTeacher:
+    """The teacher's engine with every batch of requests counted in the store (teacher_usage: what
+    for, how many requests and tokens) and refused once stopping.max_teacher_tokens is spent
+    (TeacherBudgetSpent, an EngineError: the callers go on without the teacher, as when it is down)."""
+
+    def __init__(self, engine, store, teacher: str, purpose: str, round_id: int | None, budget: int | None):
+        self._engine, self._store, self._teacher = engine, store, teacher
+        self._purpose, self._round, self._budget = purpose, round_id, budget
+
+    def _metered(self, method: str, call, requests: int, tokens):
+        if self._budget is not None:
+            used = self._store.total_teacher_tokens()
+            if used >= self._budget:
+                from selfdistill.errors import TeacherBudgetSpent
+
+                raise TeacherBudgetSpent(f"teacher {self._teacher}: token budget spent ({used} tokens used, stopping.max_teacher_tokens = "
+                                         f"{self._budget}): raise the limit to go on with the teacher")
+        t = time.time()
+        out = call()
+        prompt, answer = tokens(out)
+        self._store.add_teacher_usage(self._round, self._teacher, self._purpose, method, requests, prompt, answer, round(time.time() - t, 3))
+        return out
+
+    def generate(self, prompts, params, adapter=None):
+        return self._metered("generate", lambda: self._engine.generate(prompts, params, adapter=adapter), len(prompts), lambda out: (
+            sum(c[0].prompt_tokens for c in out if c), sum(x.completion_tokens for c in out for x in c)))
+
+    def score(self, prompts, completions, adapter=None):
+        return self._metered("score", lambda: self._engine.score(prompts, completions, adapter=adapter), len(prompts),
+                             lambda out: (0, sum(n for _, n in out)))
+
+    def token_logprobs(self, prompts, token_ids, adapter=None):
+        return self._metered("token_logprobs", lambda: self._engine.token_logprobs(prompts, token_ids, adapter=adapter), len(prompts),
+                             lambda out: (0, sum(len(x) for x in out)))
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
 class BeatingEngine:
     """An engine whose generate runs in chunks with a heartbeat between them, so the watchdog
     sees a long generation making progress and a stuck one standing still."""

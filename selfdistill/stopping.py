@@ -16,6 +16,7 @@ class Progress:
     decided_rounds: int = 0  # rounds that reached a decision (promote/reject/fail/skip), across restarts
     wall_s: float = 0.0  # seconds since this run started
     generated_tokens: int = 0  # all tokens ever generated into the store
+    teacher_tokens: int = 0  # all tokens the teacher was asked for (teacher_usage), across restarts
     incumbent_accuracy: float | None = None  # held-out accuracy of the current checkpoint
     decisions: list[str] = field(default_factory=list)  # decisions of trained rounds, oldest first
     regressions: int = 0  # rounds whose candidate scored below its incumbent
@@ -38,6 +39,8 @@ def should_stop(p: Progress, cfg: StoppingConfig) -> str | None:
         return f"wall clock: {p.wall_s:.0f}s elapsed (limit {cfg.max_wall_s:.0f}s)"
     if cfg.max_generated_tokens is not None and p.generated_tokens >= cfg.max_generated_tokens:
         return f"token budget: {p.generated_tokens} tokens generated (limit {cfg.max_generated_tokens})"
+    if cfg.max_teacher_tokens is not None and p.teacher_tokens >= cfg.max_teacher_tokens:
+        return f"teacher budget: {p.teacher_tokens} teacher tokens used (limit {cfg.max_teacher_tokens})"
     if cfg.plateau_rounds is not None:
         tail = [d for d in p.decisions if d in ("promote", "reject")][-cfg.plateau_rounds:]
         if len(tail) == cfg.plateau_rounds and all(d == "reject" for d in tail):

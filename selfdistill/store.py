@@ -396,6 +396,23 @@ class Store:
             "SELECT t.generation_id, t.logprobs FROM teacher_logprobs t JOIN generations g ON g.id = t.generation_id "
             "WHERE g.round_id = ? AND g.purpose = ?", (round_id, purpose))}
 
+    def add_teacher_usage(self, round_id: int | None, teacher: str, purpose: str, method: str, requests: int,
+                          prompt_tokens: int, completion_tokens: int, seconds: float) -> int:
+        """Count one batch of teacher requests (committed at once, even inside no phase: a paid call stays paid)."""
+        return self._insert("teacher_usage", {"round_id": round_id, "teacher": teacher, "purpose": purpose, "method": method,
+                                              "requests": requests, "prompt_tokens": prompt_tokens,
+                                              "completion_tokens": completion_tokens, "seconds": seconds, "created_at": _now()})
+
+    def teacher_usage(self, round_id: int | None = None) -> dict[str, dict[str, int]]:
+        """purpose -> requests, prompt_tokens, completion_tokens and tokens (their sum), for one round or all of them."""
+        where, args = ("WHERE round_id = ?", (round_id,)) if round_id is not None else ("", ())
+        return {r.pop("purpose"): {**r, "tokens": r["prompt_tokens"] + r["completion_tokens"]} for r in self.query(
+            "SELECT purpose, sum(requests) AS requests, sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens "
+            f"FROM teacher_usage {where} GROUP BY purpose ORDER BY purpose", args)}
+
+    def total_teacher_tokens(self) -> int:
+        return int(self.execute("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM teacher_usage").fetchone()[0])
+
     def prune_sample_logprobs(self, before_round: int) -> int:
         """Retention: drop the stored log-probabilities (the sampler's and the teacher's) of answers
         sampled before round `before_round`."""

@@ -60,8 +60,17 @@ def test_init_and_status(tmp_path):
         assert key in st
     assert st["current_checkpoint"] == "base"
     assert sum(st["tasks"].values()) == 60
+    assert st["teacher_usage"] == {}
     r = run_cli("status", str(p))
-    assert r.returncode == 0 and "current          base" in r.stdout
+    assert r.returncode == 0 and "current          base" in r.stdout and "teacher " not in r.stdout
+    from selfdistill.store import Store
+
+    store = Store.open(state / "selfdistill.db")
+    store.add_teacher_usage(None, "t", "judge", "score", 5, 0, 40, 0.1)
+    store.close()
+    assert json.loads(run_cli("status", str(p), "--json").stdout)["teacher_usage"] == {
+        "judge": {"requests": 5, "prompt_tokens": 0, "completion_tokens": 40, "tokens": 40}}
+    assert "teacher          5 requests, 40 tokens  (judge 40)" in run_cli("status", str(p)).stdout
     r = run_cli("init", str(p), "--no-model")  # idempotent
     assert r.returncode == 0 and "'ingest_added': 0" in r.stdout
 

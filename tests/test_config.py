@@ -66,6 +66,7 @@ BAD = [
     ({"gates": {"alpha": 0}}, "gates.alpha: Input should be greater than 0"),
     # accepted keys whose feature is not built: refused with why, not ignored
     ({"evaluation": {"pairwise_judge": "teacher"}}, "evaluation.pairwise_judge = 'teacher' but no [teacher] table is given"),
+    ({"stopping": {"max_teacher_tokens": 10**6}}, "stopping.max_teacher_tokens is set but no [teacher] table is given"),
     ({"gates": {"min_win_rate": 0.5}}, "gates.min_win_rate = 0.5 gates nothing while evaluation.pairwise_judge = 'none'"),
     ({"schedule": {"eval_interval_s": 86400}},
      "p.toml: schedule.eval_interval_s was removed: it re-read a cached evaluation and measured nothing; delete the key"),

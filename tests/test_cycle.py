@@ -4,6 +4,7 @@ injected by wrapping a phase (the faked part is the operator or the fault, never
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -446,7 +447,7 @@ def test_the_pairwise_judge_asks_both_orders_and_a_position_following_judge_is_n
         inc = SimpleNamespace(items=[{"task_id": t, "text": "no idea"} for t in ids])
         cand_texts = ["it is 4", "it is 12", "7", "no idea", "hmm", "no idea"]  # 3 better, 1 worse ("hmm" is shorter), 2 the same
         cand = SimpleNamespace(items=[{"task_id": t, "text": x} for t, x in zip(ids, cand_texts)])
-        pw = cyc.pairwise(1, inc, cand)
+        pw = cyc.pairwise(cyc.store.create_round("base"), inc, cand)
         asked = sum(teacher.served.values())
     assert asked == 2 * 4  # both orders, only where the answers differ
     assert (pw["items"], pw["judged"], pw["same_answer"]) == (6, 4, 2), pw
@@ -456,3 +457,38 @@ def test_the_pairwise_judge_asks_both_orders_and_a_position_following_judge_is_n
     else:
         assert (pw["wins"], pw["losses"], pw["position_biased"], pw["win_rate"], pw["trusted"]) == (0, 0, 4, 0.5, False), pw
         assert "followed the answers' position in 4 of 4 comparisons" in pw["problem"]
+
+
+def test_teacher_calls_are_counted_by_use_and_a_spent_budget_stops_the_teacher_then_the_daemon(make_cycle, monkeypatch, tmp_path):
+    """Against a real teacher server on loopback (it reports 10 prompt tokens and 3 answered ones
+    a request): every label request is counted as it is made, per round and by use, equal to what
+    the server served; the labels spend stopping.max_teacher_tokens, so the round's revisions are
+    refused with the budget named (the round goes on without them: its labels are kept, nothing
+    more is asked), and the stopping policy ends the run with the round decided."""
+    tasks = tmp_path / "animals.jsonl"  # answers the tiny model never gives: every train task is unsolved
+    tasks.write_text("".join(json.dumps({"prompt": f"Name animal number {i}.", "answer": f"zebra{i}", "verifier": "exact"}) + "\n"
+                             for i in range(40)))
+    with _fake_teacher(monkeypatch, "ok") as teacher:
+        cyc = make_cycle(COLLECT, {"tasks": {"per_round": 6, "sources": [{"type": "jsonl", "path": str(tasks)}]},
+                                   "teacher": {"kind": "openai", "max_tokens": 16,
+                                               "endpoint": {"base_url": teacher.base_url, "model": "t", "api_key_env": "SD_TEST_TEACHER_KEY"}},
+                                   "scoring": {"teacher_label": True, "teacher_revise": True},
+                                   "stopping": {"max_teacher_tokens": 30, "stop_when_tasks_exhausted": False}})
+        assert cyc.stop_reason()[0] is None
+        with pytest.raises(StopRequested, match="teacher budget"):
+            cyc.run_round()
+        served = sum(teacher.served.values())
+        with pytest.raises(StopRequested, match="teacher budget"):
+            cyc.run_round()  # nothing starts, nothing is asked
+        assert sum(teacher.served.values()) == served
+    (rnd,) = cyc.store.rounds()
+    train = [t for t in cyc.store.round_tasks(rnd.id) if t.split == "train"]
+    used = cyc.store.teacher_usage(rnd.id)
+    # the tiny model solves nothing: a label for every train task (13 tokens each, >= 30 in all)
+    assert len(train) >= 3 and rnd.status == "done"
+    assert used == {"label": {"requests": len(train), "prompt_tokens": 10 * len(train), "completion_tokens": 3 * len(train),
+                              "tokens": 13 * len(train)}} and served == len(train), used
+    msgs = [e["message"] for e in cyc.store.events("teacher_unavailable")]
+    assert len(msgs) == 1 and msgs[0].startswith("teacher revised answers skipped this round: teacher ")
+    assert f"token budget spent ({13 * len(train)} tokens used, stopping.max_teacher_tokens = 30)" in msgs[0]
+    assert cyc.stop_reason()[0] == f"teacher budget: {13 * len(train)} teacher tokens used (limit 30)"

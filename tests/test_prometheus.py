@@ -40,6 +40,8 @@ def test_metrics_follow_the_store_between_scrapes(store):
                                                  source="verifier", chosen_gen_id=gids[0], rejected_gen_id=gids[1])], [])
         store.add_evaluation("base", "heldout", {"accuracy": 0.25, "n": 4}, [])
         store.add_judge_health("self", False, 0.4, 0.1, 1, {})
+        store.add_teacher_usage(rid, "t", "label", "generate", 3, 30, 9, 0.1)
+        store.add_teacher_usage(rid, "t", "label", "generate", 1, 10, 3, 0.1)
 
         m = _scrape(server.url)
         assert m[("selfdistill_round", ())] == rid
@@ -52,6 +54,8 @@ def test_metrics_follow_the_store_between_scrapes(store):
         assert m[("selfdistill_phase_seconds_count", (("phase", "sample"),))] == 1
         assert m[("selfdistill_heldout_accuracy", (("checkpoint", "base"),))] == 0.25
         assert m[("selfdistill_judge_healthy", (("judge", "self"),))] == 0
+        assert m[("selfdistill_teacher_tokens_total", (("purpose", "label"),))] == 52
+        assert m[("selfdistill_teacher_requests_total", (("purpose", "label"),))] == 4
         assert sum(v for (name, _), v in m.items() if name == "selfdistill_tasks") == 10
     finally:
         server.close()

@@ -33,6 +33,8 @@ def _state(tmp_path):
                            reasons=["because"])
         if decision == "promote":
             store.commit_promotion(f"ckpt-00000{rid}", "test", r)
+    store.add_teacher_usage(1, "t", "distill", "token_logprobs", 40, 0, 7322, 1.0)
+    store.add_teacher_usage(1, "t", "label", "generate", 4, 40, 12, 0.5)
     return policy, store
 
 
@@ -49,6 +51,7 @@ def test_report_has_plots_rounds_and_samples(tmp_path):
     assert "0.450 / 0.400 / 0.178 / 0.000" in html
     # a distillation round, its reverse KL to the teacher and the teacher tokens it cost
     assert "distill 4.261 / 7322" in html
+    assert "teacher distill 7322, label 52 tokens" in html  # what the teacher cost the round, by use (teacher_usage)
 
 
 def test_summary_table(tmp_path, capsys):

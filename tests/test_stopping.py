@@ -11,6 +11,8 @@ CASES = [
     (Progress(decided_rounds=2), {"max_rounds": 3}, None),
     (Progress(wall_s=100), {"max_wall_s": 50}, "wall clock"),
     (Progress(generated_tokens=10_000), {"max_generated_tokens": 5000}, "token budget"),
+    (Progress(teacher_tokens=1200), {"max_teacher_tokens": 1200}, "teacher budget"),
+    (Progress(teacher_tokens=1199, generated_tokens=10**9), {"max_teacher_tokens": 1200}, None),
     (Progress(incumbent_accuracy=0.8), {"target_accuracy": 0.75}, "target reached"),
     (Progress(incumbent_accuracy=0.7), {"target_accuracy": 0.75}, None),
     (Progress(decisions=["promote", "reject", "reject"]), {"plateau_rounds": 2}, "plateau"),

@@ -11,7 +11,7 @@ An unhealthy judge contributes no scores, and the check is stored and logged.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from selfdistill.config import JudgeConfig
 from selfdistill.engines.base import Engine
@@ -73,10 +73,11 @@ def judge_scores(engine: Engine, who: str, cfg: JudgeConfig, gens: Sequence[Gen]
     return rows
 
 
-def teacher_feedback(teacher: Engine, tasks: dict[int, Task], by_task: dict[int, list[Candidate]], *, label: bool,
+def teacher_feedback(teacher: Callable[[str], Engine], tasks: dict[int, Task], by_task: dict[int, list[Candidate]], *, label: bool,
                      revise: bool, params, prompt_suffix: str, system_prompt: str | None, default_verifier: str,
                      weight: float) -> tuple[list[SftRecord], list[PairRecord]]:
-    """Teacher labels for tasks the student never solved, revisions of one wrong answer per task."""
+    """Teacher labels for tasks the student never solved, revisions of one wrong answer per task;
+    `teacher(purpose)` is the teacher's engine for "label" or "revise" (each use counted apart)."""
     from selfdistill.scoring.judges import teacher_label, teacher_revise
 
     sft: list[SftRecord] = []
@@ -84,12 +85,12 @@ def teacher_feedback(teacher: Engine, tasks: dict[int, Task], by_task: dict[int,
     if label:
         unsolved = [t for tid, t in tasks.items() if not any(c.correct for c in by_task.get(tid, []))]
         if unsolved:
-            sft = teacher_label(teacher, unsolved, params, prompt_suffix=prompt_suffix, system_prompt=system_prompt,
+            sft = teacher_label(teacher("label"), unsolved, params, prompt_suffix=prompt_suffix, system_prompt=system_prompt,
                                 default_verifier=default_verifier, weight=weight)
     if revise:
         wrong = [(tasks[tid], next(c for c in cands if c.correct is False))
                  for tid, cands in by_task.items() if any(c.correct is False for c in cands)]
         if wrong:
-            pairs = teacher_revise(teacher, wrong, params, prompt_suffix=prompt_suffix, system_prompt=system_prompt,
+            pairs = teacher_revise(teacher("revise"), wrong, params, prompt_suffix=prompt_suffix, system_prompt=system_prompt,
                                    default_verifier=default_verifier, weight=weight)
     return sft, pairs
