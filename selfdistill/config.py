@@ -110,10 +110,33 @@ class EngineConfig(_Model):
     )
 
 
+class TeacherServe(_Model):
+    """teacher.kind = 'served': the daemon runs vLLM's OpenAI-compatible server of `teacher.model` as its child."""
+
+    port: int = Field(0, ge=0, le=65535, description="Loopback port of the teacher server (0: a free one at each start).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, lt=1.0, description="GPU: the teacher's share of the device (the student's engine takes "
+        "engine.gpu_memory_utilization; the two must add up to at most 0.95). Unset: vLLM's default.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU: the teacher server's KV cache in GiB (--kv-cache-memory-bytes).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="The teacher's weights dtype.")
+    max_model_len: int = Field(2048, ge=64, description="Context length the teacher server reserves.")
+    enforce_eager: bool = Field(True, description="Skip graph capture (faster start, slower generation).")
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, passed as given.")
+    start_timeout_s: float = Field(600.0, gt=0, description="How long a start may take before the server is killed and the call fails.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Timeout of one request to the teacher server.")
+    release: Literal["stop", "keep"] = Field(
+        "stop", description="Before a training round: stop the server (its memory is freed; it starts again at the next "
+        "teacher call, benchmarks/RESULTS.md gives the cost) or keep it running.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a server that died, per daemon run, before teacher calls fail for good.")
+
+
 class TeacherConfig(_Model):
-    kind: Literal["openai", "transformers", "vllm"] = Field("openai", description="How the teacher is reached.")
-    model: str | None = Field(None, description="Local model directory (kind transformers or vllm).")
+    kind: Literal["openai", "served", "transformers", "vllm"] = Field(
+        "openai", description="How the teacher is reached: a server you run (openai), a vLLM server the daemon runs as its "
+        "child (served), or a model loaded in the daemon (transformers, vllm).")
+    model: str | None = Field(None, description="Local model directory (kind served, transformers or vllm).")
     endpoint: OpenAIEndpoint | None = Field(None, description="kind='openai': the server.")
+    serve: TeacherServe = Field(default_factory=TeacherServe, description="kind='served': how the daemon runs the teacher server.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature for teacher calls.")
     max_tokens: int = Field(512, ge=1, description="Maximum tokens of a teacher answer.")
 
@@ -574,8 +597,12 @@ class Policy(_Model):
             )
         if self.teacher is not None and self.teacher.kind == "vllm" and self.engine.kind == "vllm":
             problems.append("teacher.kind = 'vllm' beside engine.kind = 'vllm': two in-process vLLM engines cannot share one process; "
-                            f"serve the teacher (`vllm serve {self.teacher.model}`) and set teacher.kind = 'openai' with its [teacher.endpoint], "
-                            "or use teacher.kind = 'transformers'")
+                            "set teacher.kind = 'served' (the daemon runs the teacher's vLLM server as its child), or 'openai' with "
+                            f"the [teacher.endpoint] of a server you run (`vllm serve {self.teacher.model}`), or 'transformers'")
+        share = self.teacher.serve.gpu_memory_utilization if self.teacher is not None and self.teacher.kind == "served" else None
+        if share is not None and self.engine.kind == "vllm" and share + self.engine.gpu_memory_utilization > 0.95:
+            problems.append(f"teacher.serve.gpu_memory_utilization {share:g} + engine.gpu_memory_utilization "
+                            f"{self.engine.gpu_memory_utilization:g} > 0.95: the teacher and the student cannot both fit one GPU; lower one")
         if self.engine.kind == "openai" and self.engine.server is None:
             problems.append("engine.kind = 'openai' needs an [engine.server] table")
         if not (self.scoring.use_verifier or self.scoring.self_judge.enabled or self.scoring.teacher_judge.enabled

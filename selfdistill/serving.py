@@ -61,7 +61,7 @@ class Serving:
             t = time.time()
             self._teacher = make_teacher_engine(self.teacher_cfg, self.state_dir / "cache")
             self._teacher_released = False
-            if self.teacher_cfg.kind != "openai":
+            if self.teacher_cfg.kind not in ("openai", "served"):  # a served teacher logs its server's start
                 log("teacher started", kind=self.teacher_cfg.kind, model=self.teacher_cfg.model, seconds=round(time.time() - t, 2))
         elif self._teacher is not None and self._teacher_released:
             self._teacher.resume()

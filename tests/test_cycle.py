@@ -333,13 +333,17 @@ def test_a_checkpoint_is_measured_once_so_its_figure_as_incumbent_is_its_figure_
     assert runs[0]["n"] == 1
 
 
-def test_a_distillation_round_scores_the_rounds_answers_with_the_teacher_once_and_stores_them(make_cycle, tiny_model_dir):
-    """distill through the cycle with a real in-process teacher (here the student's own base, so
-    the teacher's figures must equal the trainer's: the reverse KL before training is ~0): every
-    train-split answer of the round is scored token by token, stored with the teacher and its
-    tokenizer's fingerprint, never asked again, and the stage's figures reach the round."""
+@pytest.mark.parametrize("kind", ["transformers", pytest.param("served", marks=[pytest.mark.slow, pytest.mark.vllm])])
+def test_a_distillation_round_scores_the_rounds_answers_with_the_teacher_once_and_stores_them(make_cycle, tiny_model_dir, kind):
+    """distill through the cycle with a real teacher (here the student's own base, so the
+    teacher's figures must equal the trainer's: the reverse KL before training is ~0), in process
+    or as a vLLM server the cycle runs as its child (stopped for training: no process is left
+    while the trainer runs, and none after): every train-split answer of the round is scored
+    token by token, stored with the teacher and its tokenizer's fingerprint, never asked again,
+    and the stage's figures reach the round."""
+    serve = {"dtype": "float32", "max_model_len": 256, "cpu_kv_cache_gib": 0.25, "start_timeout_s": 240}
     cyc = make_cycle({"tasks": {"per_round": 8}, "generation": {"temperature": 1.0},
-                      "teacher": {"kind": "transformers", "model": str(tiny_model_dir)},
+                      "teacher": {"kind": kind, "model": str(tiny_model_dir), **({"serve": serve} if kind == "served" else {})},
                       "training": {"algorithm": "distill", "distill": {"min_samples": 4, "samples_per_task": 3}}})
     rnd = cyc.run_round()
     assert rnd.decision in ("promote", "reject"), rnd.reasons
@@ -358,6 +362,10 @@ def test_a_distillation_round_scores_the_rounds_answers_with_the_teacher_once_an
     assert d["samples"] == len(stored) and d["teacher_tokens"] == sum(map(len, stored.values()))
     _, counts = cyc.distill_data(rnd.id)  # a restarted phase asks the teacher nothing twice
     assert counts["distill_asked"] == 0 and counts["distill_samples"] == len(stored)
+    assert cyc.store.teacher_usage(rnd.id)["distill"]["completion_tokens"] == d["teacher_tokens"]
+    if kind == "served":
+        teacher = cyc.serving._teacher
+        assert teacher.starts == 1 and teacher.pid is None and teacher.last_freed_mib > 50  # stopped before training
 
 
 class _BadTeacher:

@@ -33,10 +33,15 @@ def make_engine(
 
 
 def make_teacher_engine(teacher: TeacherConfig, cache_dir: str | Path, *, seed: int = 0) -> Engine:
-    """The teacher's engine: a server, or a local model without LoRA (sampling is the caller's)."""
+    """The teacher's engine: a server, a server this process runs (its files under `cache_dir`), or
+    a local model without LoRA (sampling is the caller's)."""
     if teacher.kind == "openai":
         from selfdistill.engines.openai_compat import OpenAIEngine
 
         return OpenAIEngine(teacher.endpoint)
+    if teacher.kind == "served":
+        from selfdistill.engines.served import ServedTeacher
+
+        return ServedTeacher(teacher, Path(cache_dir) / "teacher-server", Path(cache_dir) / "teacher-server" / "server.log")
     cfg = EngineConfig(kind=teacher.kind)
     return make_engine(cfg, teacher.model, lora_rank=None, seed=seed, cache_dir=cache_dir)
