@@ -1,4 +1,5 @@
-"""On-policy distillation from a teacher's token log-probabilities raises held-out accuracy.
+"""A local teacher's knowledge reaches the student through the daemon and raises held-out accuracy:
+by on-policy distillation from its token log-probabilities, and by its labels and revisions.
 
 The real daemon as a process with a real local teacher: the tiny model exactly as built (random
 weights) is the student, and the same model fully fine-tuned for a few seconds to answer every
@@ -44,12 +45,19 @@ def distill_policy(tmp_path, student, teacher, tasks, **training):
     }))
 
 
-def test_on_policy_distillation_from_a_local_teacher_beats_the_incumbent(tmp_path, tiny_model_dir):
+def number_teacher(tmp_path):
+    """The tiny model fully fine-tuned to answer every "Tell me about ..." with a number (on tasks
+    none of the daemon's are)."""
     _, items = tasks_file(tmp_path / "teacher_tasks.jsonl", 300, seed=1)
     teacher = build_tiny_model(tmp_path / "teacher")
     numbers = random.Random(2)
     bootstrap(teacher, [{"prompt": t["prompt"], "completion": str(numbers.randrange(100))} for t in items], 150,
               batch_size=32, lr=3e-3, threads=1)
+    return teacher
+
+
+def test_on_policy_distillation_from_a_local_teacher_beats_the_incumbent(tmp_path, tiny_model_dir):
+    teacher = number_teacher(tmp_path)
     tasks, _ = tasks_file(tmp_path / "tasks.jsonl", 600, seed=0)
     policy = distill_policy(tmp_path, tiny_model_dir, teacher, tasks)
     db = run_daemon(tmp_path, policy, rounds=2, timeout=900)
@@ -67,3 +75,44 @@ def test_on_policy_distillation_from_a_local_teacher_beats_the_incumbent(tmp_pat
     assert first["teacher_tokens"] > 0 and first["samples"] == 120 * 8, first
     # the promoted student's own samples are closer to the teacher: the reverse KL fell
     assert figures[0]["decision"] == "promote" and second["reverse_kl_before"] < first["reverse_kl_before"] - 0.3, figures
+
+
+def test_teacher_labels_and_revisions_from_a_local_teacher_train_the_student_through_the_daemon(tmp_path, tiny_model_dir):
+    """The same local teacher as a labeller and a reviser, with the daemon's expansion asking it
+    for new tasks. The verifier wants a bare number: the student's random answers are never
+    verified, so every SFT row is a
+    teacher label the verifier accepted and every pair a verified revision over the student's
+    wrong answer; trained on (SFT then DPO) and gated on held-out items, the student rises beyond
+    chance. Every teacher use is counted (teacher_usage); the teacher's unusable expansion replies
+    add no task, and none reaches the held-out split."""
+    teacher = number_teacher(tmp_path)
+    tasks, _ = tasks_file(tmp_path / "tasks.jsonl", 600, seed=0)
+    policy = write_policy(tmp_path / "labels.toml", merged(tiny_policy_data(tiny_model_dir, "transformers"), {
+        "teacher": {"kind": "transformers", "model": str(teacher), "max_tokens": 8},
+        "tasks": {"per_round": 60, "heldout_fraction": 0.3, "default_verifier": "regex:[0-9]+",  # a bare number: never the student's random text
+                  "sources": [{"type": "jsonl", "path": str(tasks)}, {"type": "expansion", "by": "teacher", "per_round": 4}]},
+        "scoring": {"teacher_label": True, "teacher_revise": True},
+        "generation": {"samples_per_task": 4, "temperature": 1.0, "max_tokens": 8},
+        "training": {"algorithm": "sft_then_dpo", "learning_rate": 3e-3, "epochs": 4, "dpo_epochs": 1, "batch_size": 16, "max_length": 96},
+        "evaluation": {"heldout_items": 150, "max_tokens": 8},
+        "gates": {"test": "mcnemar", "alpha": 0.05, "min_gain": 0.0},
+    }))
+    db = run_daemon(tmp_path, policy, rounds=1, timeout=900)
+    figures, runs = round_figures(db, "distill")
+    sources = rows(db, "SELECT 'sft' AS kind, source, count(*) AS n FROM sft_examples GROUP BY source UNION ALL "
+                       "SELECT 'pair', source, count(*) FROM pairs GROUP BY source")
+    used = rows(db, "SELECT purpose, sum(requests) AS requests, sum(prompt_tokens + completion_tokens) AS tokens FROM teacher_usage GROUP BY purpose")
+    expanded = rows(db, "SELECT split, count(*) AS n FROM tasks WHERE source LIKE 'expansion%' GROUP BY split")
+    expansion = [json.loads(e["data"]) for e in rows(db, "SELECT data FROM events WHERE kind = 'expansion'")]
+    print("\nLABELS " + json.dumps({"rounds": figures, "rows": sources, "teacher_usage": used, "expanded": expanded, "expansion": expansion}))
+    kinds = {(r["kind"], r["source"]): r["n"] for r in sources}
+    assert kinds.get(("sft", "teacher_label"), 0) >= 20 and all(src == "teacher_label" for k, src in kinds if k == "sft"), kinds
+    assert kinds.get(("pair", "teacher_revise"), 0) > 0, kinds
+    assert runs and runs[0].get("sft_steps", 0) > 0, runs
+    assert {u["purpose"] for u in used} >= {"label", "revise", "expand"} and all(u["tokens"] > 0 for u in used), used
+    # a number is no task: each expansion reply was refused with its reason, and no task it made is held out
+    assert expansion and sum(sum(e["rejected"].values()) for e in expansion) > 0 and sum(e["added"] for e in expansion) == sum(
+        e["n"] for e in expanded), expansion
+    assert not any(e["split"] == "heldout" for e in expanded), expanded
+    (first,) = figures
+    assert first["decision"] == "promote" and first["p"] < 0.05 and first["candidate"] >= first["incumbent"] + 0.3, figures
