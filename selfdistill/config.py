@@ -161,7 +161,7 @@ class TeacherConfig(_Model):
 class JsonlSource(_Model):
     type: Literal["jsonl"] = Field(..., description="A JSONL file of the user's own tasks.")
     path: Path = Field(..., description="JSONL file: one object per line with `prompt`, optional "
-                       "`answer`, `verifier`, `category`, `metadata`.")
+                       "`answer`, `verifier`, `category`, `metadata`, `group` (tasks of one group share a split).")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in sampling.")
 
 

@@ -56,10 +56,16 @@ class TaskIn:
     verifier: str | None = None  # verifier name; None = the policy's default
     category: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None  # the same question in another form shares it (tasks.groups); None: its own
 
     @property
     def key(self) -> str:
         return task_key(self.prompt)
+
+    @property
+    def split_key(self) -> str:
+        """What the split is decided on: the group where there is one, so a group never straddles the wall."""
+        return task_key("group\x00" + self.group) if self.group else self.key
 
 
 @dataclass

@@ -259,7 +259,8 @@ class Store:
     def add_tasks(self, tasks: Iterable[TaskIn], heldout_fraction: float, audit_fraction: float = 0.0) -> tuple[int, int]:
         """Insert new tasks (idempotent by key); returns (added, already present)."""
         rows = [{"key": t.key, "source": t.source, "prompt": t.prompt, "answer": t.answer, "verifier": t.verifier,
-                 "category": t.category, "metadata": _j(t.metadata), "split": split_for(t.key, heldout_fraction, audit_fraction),
+                 "category": t.category, "metadata": _j(t.metadata), "task_group": t.group,
+                 "split": split_for(t.split_key, heldout_fraction, audit_fraction),
                  "created_at": _now()} for t in tasks]
         added = self._insert_all("tasks", rows, ignore=True)
         return added, len(rows) - added
@@ -269,7 +270,7 @@ class Store:
         d = dict(row)
         return Task(
             source=d["source"], prompt=d["prompt"], answer=d["answer"], verifier=d["verifier"],
-            category=d["category"], metadata=json.loads(d["metadata"]), id=d["id"], split=d["split"],
+            category=d["category"], metadata=json.loads(d["metadata"]), group=d.get("task_group"), id=d["id"], split=d["split"],
             uses=d["uses"], attempts=d["attempts"], successes=d["successes"],
         )
 

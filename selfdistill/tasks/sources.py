@@ -28,7 +28,7 @@ from selfdistill.config import DatasetDirSource, ExpansionSource, JsonlSource, R
 from selfdistill.errors import TaskSourceError
 from selfdistill.records import TaskIn
 
-JSONL_FIELDS = {"prompt": str, "answer": (str, int, float), "verifier": str, "category": str, "metadata": dict}
+JSONL_FIELDS = {"prompt": str, "answer": (str, int, float), "verifier": str, "category": str, "metadata": dict, "group": (str, int)}
 
 
 def source_name(cfg) -> str:
@@ -86,6 +86,7 @@ def _iter_jsonl(cfg: JsonlSource, base_dir: Path | None, problems: list[str]) ->
             yield TaskIn(
                 source=name, prompt=row["prompt"], answer=_answer(row.get("answer")),
                 verifier=row.get("verifier"), category=row.get("category") or "", metadata=row.get("metadata") or {},
+                group=str(row["group"]) if row.get("group") is not None else None,
             )
 
 
@@ -101,11 +102,14 @@ def _iter_reasoning_gym(cfg: ReasoningGymSource) -> Iterator[TaskIn]:
         ds = reasoning_gym.create_dataset(cfg.dataset, seed=cfg.seed, size=cfg.size, **cfg.config)
     except Exception as e:  # the dataset's own config validation: surface it as a source error
         raise TaskSourceError(f"reasoning-gym '{cfg.dataset}' rejects config {cfg.config}: {e}; fix the source's `config`") from e
+    from selfdistill.tasks.groups import reasoning_gym_group
+
     name = source_name(cfg)
     for index in range(cfg.size):
         entry = ds[index]
         yield TaskIn(
             source=name, prompt=entry["question"], answer=str(entry["answer"]), verifier=None, category=cfg.dataset,
+            group=reasoning_gym_group(cfg.dataset, entry),
             metadata={"reasoning_gym": {"dataset": cfg.dataset, "config": cfg.config, "seed": cfg.seed,
                                         "size": cfg.size, "index": index}},
         )
