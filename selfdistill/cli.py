@@ -92,6 +92,7 @@ def status_dict(policy) -> dict[str, Any]:
         cur = store.current_checkpoint()
         base_eval = store.latest_evaluation("base", "heldout")
         cur_eval = store.latest_evaluation(cur["id"], "heldout")
+        audit = {k: store.latest_evaluation(c, "audit") for k, c in (("base", "base"), ("current", cur["id"]))}
         stop = store.events("stop", limit=1)
         rounds = [
             {
@@ -107,6 +108,8 @@ def status_dict(policy) -> dict[str, Any]:
             "name": policy.name,
             "state_dir": str(policy.state_dir),
             "current_checkpoint": cur["id"],
+            "audit_base_metrics": audit["base"]["metrics"] if audit["base"] else None,
+            "audit_current_metrics": audit["current"]["metrics"] if audit["current"] else None,
             "base_metrics": base_eval["metrics"] if base_eval else None,
             "current_metrics": cur_eval["metrics"] if cur_eval else None,
             "tasks": store.count_tasks(),
@@ -152,6 +155,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"service          {st['name']}  (state {st['state_dir']})")
     print(f"daemon           {'running, PID ' + str(st['daemon_pid']) if st['daemon_pid'] else 'not running'}")
     print(f"current          {st['current_checkpoint']}")
+    if st["audit_base_metrics"]:  # the figure nothing was chosen on, first
+        print(f"audit base       {_acc(st['audit_base_metrics'])}")
+        print(f"audit current    {_acc(st['audit_current_metrics'])}")
     print(f"base accuracy    {_acc(st['base_metrics'])}")
     print(f"current accuracy {_acc(st['current_metrics'])}")
     print(f"tasks            {', '.join(f'{k} {v}' for k, v in sorted(st['tasks'].items())) or 'none'}")

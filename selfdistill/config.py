@@ -424,6 +424,8 @@ class TrainingConfig(_Model):
 
 class EvaluationConfig(_Model):
     heldout_items: int = Field(200, ge=1, description="Held-out tasks each evaluation answers (same items, same seed).")
+    audit_items: int = Field(300, ge=0, description="Audit tasks (tasks.audit_fraction) the base and each promoted checkpoint answer "
+                             "(greedy, once each): a figure no gate or decision ever reads, so it is not chosen on. 0: off.")
     max_tokens: int = Field(128, ge=1, description="Tokens per evaluation answer (greedy).")
     pairwise_judge: Literal["none", "teacher", "self"] = Field(
         "none", description="A judge compares the candidate's and the incumbent's held-out answers in both orders; "

@@ -793,8 +793,7 @@ class Cycle:
 
     def evaluate_checkpoint(self, ckpt_id: str, round_id: int | None) -> dict[str, Any]:
         """Held-out and anchor evaluation of a checkpoint (cached per checkpoint and item set)."""
-        from selfdistill.evaluation import anchor_nll, evaluate_heldout
-        from selfdistill.scoring.verifiers import resolve_verifier
+        from selfdistill.evaluation import anchor_nll
 
         tasks = self.heldout_tasks()
         ids = [t.id for t in tasks]
@@ -804,20 +803,49 @@ class Cycle:
             return {"heldout": ev, "anchors": anc}
         adapter = self.serving.adapter_for(ckpt_id)
         if ev is None:
-            def verify(text: str, task: Task):
-                v = resolve_verifier(task, self.policy.tasks.default_verifier, self.policy.scoring, (str(self.state_dir),))
-                if v is None:
-                    raise SelfdistillError(f"held-out task {task.id} has no verifier: give it an answer or a verifier, or set tasks.default_verifier")
-                r = v(text, task)
-                return r.score, r.correct
-
-            res = evaluate_heldout(self.engine, adapter, tasks, verify, self.messages, self.policy.evaluation.max_tokens)
-            self.store.add_evaluation(ckpt_id, "heldout", res.metrics, [dataclasses.asdict(i) for i in res.items], round_id)
+            self._measure(ckpt_id, adapter, "heldout", tasks, round_id)
         if anc is None:
             refs = self.anchor_refs()
             nll = anchor_nll(self.engine, adapter, [chat_messages(p, self.policy.student.system_prompt) for p in self.policy.evaluation.anchor_prompts], refs)
             self.store.add_evaluation(ckpt_id, "anchors", {"nll": nll}, [], round_id)
         return {"heldout": self.store.latest_evaluation(ckpt_id, "heldout", ids), "anchors": self.store.latest_evaluation(ckpt_id, "anchors")}
+
+    def _measure(self, ckpt_id: str, adapter: str | None, suite: str, tasks: list[Task], round_id: int | None) -> None:
+        """Greedy answers of one checkpoint to `tasks`, verified and stored as evaluation `suite`."""
+        from selfdistill.evaluation import evaluate_heldout
+        from selfdistill.scoring.verifiers import resolve_verifier
+
+        def verify(text: str, task: Task):
+            v = resolve_verifier(task, self.policy.tasks.default_verifier, self.policy.scoring, (str(self.state_dir),))
+            if v is None:
+                raise SelfdistillError(f"{suite} task {task.id} has no verifier: give it an answer or a verifier, or set tasks.default_verifier")
+            r = v(text, task)
+            return r.score, r.correct
+
+        res = evaluate_heldout(self.engine, adapter, tasks, verify, self.messages, self.policy.evaluation.max_tokens)
+        self.store.add_evaluation(ckpt_id, suite, res.metrics, [dataclasses.asdict(i) for i in res.items], round_id)
+
+    def audit(self, round_id: int | None) -> list[str]:
+        """Measure the base and every promoted checkpoint not yet measured on the audit split
+        (evaluation.audit_items; nothing reads these figures to decide); the checkpoints measured.
+        A failure is logged and left for the next promotion: it never fails a round."""
+        n = self.policy.evaluation.audit_items
+        tasks = self.store.tasks(split="audit", limit=n) if n else []
+        if not tasks:
+            return []
+        ids, done = [t.id for t in tasks], []
+        for ckpt_id in self.store.promoted_chain():  # the base first
+            if self.store.latest_evaluation(ckpt_id, "audit", ids) is not None:
+                continue
+            try:
+                self._measure(ckpt_id, self.serving.adapter_for(ckpt_id), "audit", tasks, round_id)
+            except SelfdistillError as e:
+                log("audit not measured", logging.WARNING, checkpoint=ckpt_id, error=str(e))
+                break
+            done.append(ckpt_id)
+            ev = self.store.latest_evaluation(ckpt_id, "audit", ids)
+            log("audit measured", checkpoint=ckpt_id, accuracy=ev.metrics.get("accuracy"), n=ev.metrics.get("n"))
+        return done
 
     def anchor_refs(self) -> list[str]:
         """The base model's greedy answers to the anchor prompts, computed once and kept."""
@@ -997,6 +1025,7 @@ class Cycle:
             return
         self.serving.drop_adapter(inc)
         self.say(rid, "promote", current=cand)
+        self.audit(rid)  # after the decision and the commit: measured, never decided on
 
     # upkeep ----------------------------------------------------------------------------------
 

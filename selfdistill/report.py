@@ -210,13 +210,20 @@ def _f(v: Any) -> str:
 
 def summary_rows(store: Store) -> list[dict[str, Any]]:
     """Base accuracy and accuracy after each promotion, with CIs; each promotion's p-value against
-    its incumbent (the gate's) and against the base (exact one-sided McNemar on the same items)."""
+    its incumbent (the gate's) and against the base (exact one-sided McNemar on the same items);
+    and, where measured, each one's audit accuracy (`audit`: items no gate or decision read)."""
     from selfdistill import stats
+
+    def with_audit(row: dict[str, Any]) -> dict[str, Any]:
+        au = store.latest_evaluation(row["checkpoint"], "audit")
+        if au:
+            row["audit"] = {k: au["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+        return row
 
     rows = []
     base = store.latest_evaluation("base", "heldout")
     if base:
-        rows.append({"checkpoint": "base", "round": "-", **{k: base["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")}})
+        rows.append(with_audit({"checkpoint": "base", "round": "-", **{k: base["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")}}))
     base_items = {i["task_id"]: bool(i["correct"]) for i in base["items"]} if base else {}
     for r in store.rounds():
         if r["decision"] == "promote":
@@ -230,7 +237,7 @@ def summary_rows(store: Store) -> list[dict[str, Any]]:
                     wins, losses = stats.discordant([mine[i] for i in ids], [base_items[i] for i in ids])
                     row["gain_vs_base"] = (wins - losses) / len(ids)
                     row["p_vs_base"] = stats.mcnemar_one_sided(wins, losses)
-                rows.append(row)
+                rows.append(with_audit(row))
     return rows
 
 
@@ -238,11 +245,17 @@ def print_summary(policy, store: Store) -> None:
     """The table `make demo` ends with: accuracy per promotion with CIs, and time per phase."""
     rows = summary_rows(store)
     print("\n== selfdistill summary ==")
-    print(f"{'checkpoint':14} {'round':>5} {'held-out acc':>12} {'95% CI':>17} {'n':>5} {'p vs prev':>9} {'gain vs base':>12} {'p vs base':>9}")
+    audit = any("audit" in r for r in rows)  # the figure nothing was chosen on comes first
+    head = f"{'audit acc':>9} {'95% CI':>17} {'n':>4}  " if audit else ""
+    print(f"{'checkpoint':14} {'round':>5} {head}{'held-out acc':>12} {'95% CI':>17} {'n':>5} {'p vs prev':>9} {'gain vs base':>12} {'p vs base':>9}")
     for r in rows:
         ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         gain = f"{r['gain_vs_base']:+.3f}" if "gain_vs_base" in r else "-"
-        print(f"{r['checkpoint']:14} {str(r['round']):>5} {r['accuracy']:12.3f} {ci:>17} {r['n']:5} "
+        a = r.get("audit")
+        cell = ""
+        if audit:
+            cell = f"{a['accuracy']:9.3f} {'[%.3f, %.3f]' % (a['ci_low'], a['ci_high']):>17} {a['n']:4}  " if a else f"{'-':>9} {'':>17} {'':>4}  "
+        print(f"{r['checkpoint']:14} {str(r['round']):>5} {cell}{r['accuracy']:12.3f} {ci:>17} {r['n']:5} "
               f"{_p(r.get('p_value')):>9} {gain:>12} {_p(r.get('p_vs_base')):>9}")
     totals: dict[str, float] = {}
     for p in store.phases():

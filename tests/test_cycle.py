@@ -500,3 +500,30 @@ def test_teacher_calls_are_counted_by_use_and_a_spent_budget_stops_the_teacher_t
     assert len(msgs) == 1 and msgs[0].startswith("teacher revised answers skipped this round: teacher ")
     assert f"token budget spent ({13 * len(train)} tokens used, stopping.max_teacher_tokens = 30)" in msgs[0]
     assert cyc.stop_reason()[0] == f"teacher budget: {13 * len(train)} teacher tokens used (limit 30)"
+
+
+def test_the_audit_split_is_measured_for_the_base_and_each_promotion_and_decides_nothing(make_cycle):
+    """tasks.audit_fraction > 0: the base and every promoted checkpoint answer the audit items once
+    (after the promotion is committed); no round samples, trains or gates on them; a rejected
+    candidate is never measured there; status gives the figures."""
+    from selfdistill.cli import status_dict
+
+    cyc = make_cycle({"tasks": {"audit_fraction": 0.25}, "evaluation": {"audit_items": 6}})
+    audit_ids = {t.id for t in cyc.store.tasks(split="audit")}
+    assert len(audit_ids) >= 6
+    r1 = cyc.run_round()
+    assert r1.decision == "promote", r1.reasons
+    evs = cyc.store.evaluations("audit")
+    assert sorted(e.checkpoint_id for e in evs) == ["base", "ckpt-000001"]
+    assert all(e.metrics["n"] == 6 and len(items := cyc.store.latest_evaluation(e.checkpoint_id, "audit").items) == 6
+               and {i["task_id"] for i in items} <= audit_ids for e in evs)
+    _policy_with(cyc, gates={"min_gain": 0.99, "test": "none"})  # the next candidate is rejected
+    r2 = cyc.run_round()
+    assert r2.decision == "reject" and len(cyc.store.evaluations("audit")) == 2
+    used = {g["task_id"] for r in (r1, r2) for g in cyc.store.generations(r.id, "train")}
+    gated = {i["task_id"] for c in ("base", "ckpt-000001", "ckpt-000002") for i in cyc.store.latest_evaluation(c, "heldout").items}
+    assert used and gated and not (used | gated) & audit_ids
+    assert not any("audit" in x for r in cyc.store.rounds() for x in (r.reasons or []))
+    st = status_dict(cyc.policy)
+    assert st["audit_current_metrics"] == next(e.metrics for e in evs if e.checkpoint_id == "ckpt-000001")
+    assert st["audit_base_metrics"] == next(e.metrics for e in evs if e.checkpoint_id == "base")

@@ -63,3 +63,13 @@ def test_summary_table(tmp_path, capsys):
     print_summary(policy, store)
     out = capsys.readouterr().out
     assert "base" in out and "0.350" in out and "0.900" in out and "decisions: #1 promote, #2 reject" in out
+    assert "audit acc" not in out  # nothing measured on an audit split: no column
+    held = store.tasks(split="heldout")[:10]  # stands in for audit items here: the rows only read the evaluations
+    for ckpt, right in (("base", 2), ("ckpt-000001", 7)):
+        store.add_evaluation(ckpt, "audit", {"accuracy": right / 10, "ci_low": 0.1, "ci_high": 0.5, "n": 10},
+                             [{"task_id": t.id, "correct": i < right} for i, t in enumerate(held)])
+    rows = summary_rows(store)
+    assert [r["audit"]["accuracy"] for r in rows] == [0.2, 0.7]
+    print_summary(policy, store)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:3] == ["checkpoint", "round", "audit"] and lines[4].split()[:3] == ["ckpt-000001", "1", "0.700"], lines
