@@ -50,6 +50,9 @@ SHRINK = {
     "schedule": {"idle_sleep_s": 0.1},
     "teacher": {"max_tokens": 16},
 }
+# a served teacher (the daemon's vLLM server child) on CPU: the student engine's sizes; on CPU its
+# GPU share is not passed to vLLM (the server gets a KV cache in bytes instead)
+SERVE_SHRINK = {"dtype": "float32", "max_model_len": 256, "cpu_kv_cache_gib": 0.25, "enforce_eager": True, "start_timeout_s": 300}
 
 
 def shipped(path: Path, model_dir: Path, tmp: Path, teacher_url: str | None) -> dict:
@@ -74,6 +77,12 @@ def shipped(path: Path, model_dir: Path, tmp: Path, teacher_url: str | None) -> 
         data["monitoring"]["prometheus_port"] = 0  # any free port: the endpoint still runs
     if teacher_url is not None:
         data["teacher"]["endpoint"].update(base_url=teacher_url, timeout_s=5.0, max_retries=1, backoff_s=0.05)
+    if data.get("teacher", {}).get("kind") in ("served", "transformers", "vllm"):
+        data["teacher"]["model"] = str(model_dir)  # a local teacher: the tiny model too (it shares its own tokenizer)
+        if data["teacher"]["kind"] == "served":
+            data["teacher"]["serve"] = merged(data["teacher"].get("serve", {}), SERVE_SHRINK)
+    if "distill" in data.get("training", {}):
+        data["training"]["distill"]["min_samples"] = 4  # a size: 6 tasks a round give fewer answers than a GPU policy's minimum
     return data
 
 
@@ -127,6 +136,14 @@ def test_shipped_policy_runs_its_own_settings(policy_file, tmp_path, tiny_model_
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     (cur,) = con.execute("SELECT id FROM checkpoints WHERE is_current = 1").fetchone()
     assert read_current(tmp_path / "state") in (cur, None if cur == "base" else cur)
+    if data.get("teacher", {}).get("kind") == "served":
+        # the teacher server ran, was asked, and was stopped for training and at exit: no process is left
+        used = dict(con.execute("SELECT purpose, sum(requests) FROM teacher_usage GROUP BY purpose").fetchall())
+        assert used.get("distill", 0) > 0, used
+        assert con.execute("SELECT count(*) FROM teacher_logprobs").fetchone()[0] > 0
+        log = (tmp_path / "state" / "cache" / "teacher-server" / "server.log").read_text()
+        assert log.count("starting the teacher server") >= 2, log[-2000:]  # stopped before a training round, started again
+        assert not (tmp_path / "state" / "cache" / "teacher-server" / "server.pid").exists()
     if teacher is not None:
         assert teacher.served, "the teacher was never asked"
         n_teacher = sum(con.execute(f"SELECT count(*) FROM {t} WHERE source LIKE 'teacher%'").fetchone()[0]
