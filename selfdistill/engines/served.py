@@ -167,6 +167,7 @@ class ServedTeacher:
             code = self._proc.returncode
             self._drop_engine()
             self._proc = None
+            self._drop_tmp()
             if self.restarts >= self.serve.max_restarts:
                 raise EngineError(f"teacher server for {self.model} died (exit {code}) and was restarted {self.restarts} times "
                                   f"(teacher.serve.max_restarts); see {self.log_path}")
@@ -208,6 +209,7 @@ class ServedTeacher:
             code = self._proc.poll()
             if code is not None:
                 self._proc = None
+                self._drop_tmp()
                 raise EngineError(f"teacher server for {self.model} exited with code {code} at start: {self._last_line()} "
                                   f"(full log: {self.log_path})")
             try:
@@ -254,6 +256,9 @@ class ServedTeacher:
         except ProcessLookupError:
             pass
         (self.work_dir / "server.pid").unlink(missing_ok=True)
+        self._drop_tmp()
+
+    def _drop_tmp(self) -> None:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,13 +74,17 @@ def test_a_teacher_that_is_not_a_model_is_refused_before_any_server_starts(tmp_p
 
 
 @pytest.mark.vllm
-def test_a_server_that_fails_at_start_is_one_line_with_its_log(tiny_dir, tmp_path):
+def test_a_server_that_fails_at_start_is_one_line_with_its_log(tiny_dir, tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 70)  # a TMPDIR too deep for vLLM's sockets: a short private one is made, and removed
+    deep.mkdir()
+    monkeypatch.setenv("TMPDIR", str(deep))
+    before = set(Path("/tmp").glob("sdx-teacher-*"))
     teacher = make_teacher_engine(TeacherConfig(kind="served", model=str(tiny_dir), serve={**SERVE, "extra_args": ["--no-such-flag"]}), tmp_path)
     with pytest.raises(EngineError) as e:
         teacher.token_logprobs(PROMPTS[:1], IDS[:1])
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"teacher server for {tiny_dir} exited with code 2 at start: ") and "--no-such-flag" in msg, msg
-    assert teacher.pid is None
+    assert teacher.pid is None and set(Path("/tmp").glob("sdx-teacher-*")) == before
 
 
 @pytest.mark.slow
