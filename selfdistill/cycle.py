@@ -38,6 +38,7 @@ from selfdistill.stopping import Progress, should_stop
 from selfdistill.store import Store
 
 MAX_PHASE_ATTEMPTS = 3
+FEEDBACK_NAMES = {"label": "labels", "revise": "revised answers"}  # a teacher feedback use, as events name it
 GENERATE_CHUNK = 256  # prompts per engine call: the heartbeat ticks between chunks
 
 
@@ -569,7 +570,7 @@ class Cycle:
                     pairs += t_pairs
                 except EngineError as e:  # the teacher is down or its budget spent: keep going on verifier data
                     log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
-                    events.append({"kind": "teacher_unavailable", "message": f"teacher {use}{'s' if use == 'label' else 'd answers'} skipped this round: {e}",
+                    events.append({"kind": "teacher_unavailable", "message": f"teacher {FEEDBACK_NAMES[use]} skipped this round: {e}",
                                    "level": "warning", "round_id": rid})
         with self.store.transaction():
             for ev in events:
