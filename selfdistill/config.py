@@ -337,10 +337,23 @@ class RewardModelConfig(_Model):
 
 
 class DistillConfig(_Model):
-    """On-policy distillation (algorithm distill / sft_then_distill): per-token reverse KL to the
-    teacher on the student's own samples, as a policy-gradient step (training/policy_gradient.py).
-    Its trust region and guards are training.rl's clip_epsilon(_high), sampler_ratio_cap,
-    max_ratio and min_entropy; its stored log-probabilities follow training.rl.keep_logprobs_rounds."""
+    """On-policy distillation (algorithm distill / sft_then_distill) on the student's own samples
+    (training/policy_gradient.py): per-token reverse KL to the teacher as a policy-gradient step, or
+    forward KL / generalised JSD against the teacher's top-k distribution at each position. Its
+    trust region and guards are training.rl's clip_epsilon(_high), sampler_ratio_cap, max_ratio and
+    min_entropy; its stored log-probabilities follow training.rl.keep_logprobs_rounds."""
+
+    objective: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
+        "reverse_kl", description="reverse_kl: the policy-gradient step on the sampled token's teacher-minus-student gap (4 bytes a "
+        "token stored); forward_kl: KL(teacher || student) over the teacher's top_k tokens and the rest as one bucket, at each "
+        "position of the student's answer (mode covering); jsd: the generalised Jensen-Shannon divergence of the two on the "
+        "same buckets, weighted by jsd_beta (4 + 8 * top_k bytes a token stored for both)."
+    )
+    top_k: int = Field(8, ge=1, le=20, description="Alternatives per position the teacher lists (forward_kl, jsd); vLLM serves at most "
+                       "20 unless started with a larger --max-logprobs.")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: the mixture M = beta * teacher + (1 - beta) * student and the loss "
+                            "beta * KL(teacher || M) + (1 - beta) * KL(student || M); towards 0 it behaves like forward KL, "
+                            "towards 1 like reverse KL.")
 
     coef: float = Field(1.0, gt=0, description="Weight of the per-token advantage: coef * (teacher minus student log-probability).")
     learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the stage (none: training.learning_rate / 4).")

@@ -735,12 +735,11 @@ class Cycle:
         with the teacher and its tokenizer's fingerprint; answers already scored are not asked
         again). A teacher that fails leaves the answers it did not score out (an event says so); an
         answer whose figures are not one finite log-probability per token is never stored."""
-        import math
-
         from selfdistill.errors import EngineError
-        from selfdistill.records import DistillRecord
+        from selfdistill.records import DistillRecord, usable_logprobs, usable_topk
 
         dc, t = self.policy.training.distill, self.policy.teacher
+        k = dc.top_k if dc.objective != "reverse_kl" else 0  # top-k objectives need the teacher's alternatives
         tasks = {x.id: x for x in self.store.round_tasks(rid) if x.split == "train"}  # the held-out wall
         sampled = self.store.sample_logprobs(rid)
         chosen, per_task = [], {}
@@ -749,8 +748,8 @@ class Cycle:
                 per_task[g["task_id"]] = per_task.get(g["task_id"], 0) + 1
                 if dc.samples_per_task is None or per_task[g["task_id"]] <= dc.samples_per_task:
                     chosen.append(g)
-        have = self.store.teacher_logprobs(rid)
-        todo = [g for g in chosen if g["id"] not in have]
+        have, tops = self._teacher_figures(rid, k)
+        todo = [g for g in chosen if g["id"] not in have or (k and g["id"] not in tops)]
         counts: dict[str, Any] = {"distill_asked": len(todo), "distill_rejected": 0, "teacher_tokens": 0}
         if todo:
             fingerprint = self.teacher_tokenizer()
@@ -758,29 +757,38 @@ class Cycle:
             for i in range(0, len(todo), GENERATE_CHUNK):
                 chunk = todo[i:i + GENERATE_CHUNK]
                 ids = [sampled[g["id"]][0] for g in chunk]
+                prompts = [self.messages(tasks[g["task_id"]]) for g in chunk]
                 try:
-                    got = self.teacher("distill", rid).token_logprobs([self.messages(tasks[g["task_id"]]) for g in chunk], ids)
+                    teacher = self.teacher("distill", rid)
+                    got = teacher.token_topk(prompts, ids, k) if k else [(x, None) for x in teacher.token_logprobs(prompts, ids)]
                 except EngineError as e:
                     log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
                     self.store.event("teacher_unavailable", f"round {rid}: distillation scored {i} of {len(todo)} answers: {e}",
                                      level="warning", round_id=rid)
                     break
-                good = {}
-                for g, want, lps in zip(chunk, ids, got):
-                    if len(lps) == len(want) and all(math.isfinite(x) and x <= 1e-4 for x in lps):
-                        good[g["id"]] = [min(0.0, float(x)) for x in lps]
+                good, good_top = {}, {}
+                for g, want, x in zip(chunk, ids, got):
+                    lps, top = (x.logprobs, x) if k else x
+                    if usable_logprobs(lps, len(want)) and (not k or usable_topk(top.ids, top.top, len(want), k)):
+                        good[g["id"]] = [min(0.0, float(v)) for v in lps]
+                        if k:
+                            good_top[g["id"]] = ([list(r[:k]) for r in top.ids], [[min(0.0, float(v)) for v in r[:k]] for r in top.top])
                     else:
                         counts["distill_rejected"] += 1
-                self.store.add_teacher_logprobs(name, fingerprint, good)
-                counts["teacher_tokens"] += sum(len(x) for x in good.values())
+                self.store.add_teacher_logprobs(name, fingerprint, good, good_top or None)
+                counts["teacher_tokens"] += sum(len(v) for v in good.values())
                 self.run.beat()
             if counts["distill_rejected"]:
                 log("teacher answered unusable log-probabilities", logging.WARNING, round=rid, answers=counts["distill_rejected"])
-            have = self.store.teacher_logprobs(rid)
-        rows = [DistillRecord(g["id"], g["prompt"], sampled[g["id"]][0], sampled[g["id"]][1], have[g["id"]])
-                for g in chosen if g["id"] in have]
+            have, tops = self._teacher_figures(rid, k)
+        rows = [DistillRecord(g["id"], g["prompt"], sampled[g["id"]][0], sampled[g["id"]][1], have[g["id"]],
+                              topk_ids=tops[g["id"]][0] if k else None, topk_logprobs=tops[g["id"]][1] if k else None)
+                for g in chosen if g["id"] in have and (not k or g["id"] in tops)]
         counts["distill_samples"] = len(rows)
         return rows, counts
+
+    def _teacher_figures(self, rid: int, k: int) -> tuple[dict[int, list[float]], dict[int, tuple]]:
+        return self.store.teacher_logprobs(rid), (self.store.teacher_topk(rid, k) if k else {})
 
     def _child_started(self, pid: int) -> None:
         self.training_child_pid = pid

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -155,6 +156,8 @@ class DistillRecord:
     logprobs: list[float] | None  # the sampler's, one per token (None: the engine gave none)
     teacher_logprobs: list[float]
     weight: float = 1.0
+    topk_ids: list[list[int]] | None = None  # the teacher's k most likely tokens at each position (top-k objectives)
+    topk_logprobs: list[list[float]] | None = None  # and their log-probabilities, [tokens][k]
 
 
 @dataclass
@@ -241,3 +244,23 @@ def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[st
         msgs.append({"role": "system", "content": system_prompt})
     msgs.append({"role": "user", "content": prompt})
     return msgs
+
+
+def usable_logprobs(lps, n: int) -> bool:
+    """A teacher's figures for an answer of n tokens are one finite log-probability (at most 0,
+    give or take rounding) per token."""
+    return len(lps) == n and all(isinstance(x, (int, float)) and math.isfinite(x) and x <= 1e-4 for x in lps)
+
+
+def usable_topk(ids, lps, n: int, k: int) -> bool:
+    """A teacher's top-k lists for an answer of n tokens: at each position k distinct non-negative
+    token ids with finite log-probabilities that sum, as probabilities, to at most 1 (give or take
+    rounding)."""
+    if len(ids) != n or len(lps) != n:
+        return False
+    for row, vals in zip(ids, lps):
+        if len(row) < k or len(vals) < k or len(set(row[:k])) != k or any(not isinstance(t, int) or t < 0 for t in row[:k]):
+            return False
+        if not usable_logprobs(vals[:k], k) or sum(math.exp(v) for v in vals[:k]) > 1.001:
+            return False
+    return True

@@ -165,6 +165,10 @@ class MeteredTeacher:
         return self._metered("token_logprobs", lambda: self._engine.token_logprobs(prompts, token_ids, adapter=adapter), len(prompts),
                              lambda out: (0, sum(len(x) for x in out)))
 
+    def token_topk(self, prompts, token_ids, k, adapter=None):
+        return self._metered("token_topk", lambda: self._engine.token_topk(prompts, token_ids, k, adapter=adapter), len(prompts),
+                             lambda out: (0, sum(len(x.logprobs) for x in out)))
+
     def __getattr__(self, name):
         return getattr(self._engine, name)
 

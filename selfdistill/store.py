@@ -383,19 +383,41 @@ class Store:
             "SELECT l.* FROM sample_logprobs l JOIN generations g ON g.id = l.generation_id "
             "WHERE g.round_id = ? AND g.purpose = ?", (round_id, purpose))}
 
-    def add_teacher_logprobs(self, teacher: str, tokenizer: str, rows: dict[int, list[float]]) -> int:
+    def add_teacher_logprobs(self, teacher: str, tokenizer: str, rows: dict[int, list[float]],
+                             topk: dict[int, tuple[list[list[int]], list[list[float]]]] | None = None) -> int:
         """Store the teacher's log-probability of each token of these answers (generation id -> one per
-        sampled token); the rows written. An answer already scored keeps its first figures."""
+        sampled token), and with `topk` each position's k most likely tokens and theirs (generation id
+        -> ([tokens][k] ids, [tokens][k] log-probabilities), the same k throughout); the rows written.
+        Without top-k an answer already scored keeps its first figures; with it a row scored without
+        (or with fewer alternatives) is replaced."""
         now = _now()
+        if not topk:
+            return self._insert_all("teacher_logprobs", (
+                {"generation_id": gid, "teacher": teacher, "tokenizer": tokenizer, "logprobs": pack_floats(lps), "created_at": now}
+                for gid, lps in rows.items()), ignore=True)
         return self._insert_all("teacher_logprobs", (
-            {"generation_id": gid, "teacher": teacher, "tokenizer": tokenizer, "logprobs": pack_floats(lps), "created_at": now}
-            for gid, lps in rows.items()), ignore=True)
+            {"generation_id": gid, "teacher": teacher, "tokenizer": tokenizer, "logprobs": pack_floats(lps), "created_at": now,
+             "top_k": len(topk[gid][0][0]) if topk[gid][0] else 0,
+             "topk_ids": pack_ints([t for row in topk[gid][0] for t in row]),
+             "topk_logprobs": pack_floats([x for row in topk[gid][1] for x in row])}
+            for gid, lps in rows.items()), replace=True)
 
     def teacher_logprobs(self, round_id: int, purpose: str = "train") -> dict[int, list[float]]:
         """generation id -> the teacher's log-probability of each sampled token, for a round's answers that have them."""
         return {r["generation_id"]: unpack_floats(r["logprobs"]) for r in self.query(
             "SELECT t.generation_id, t.logprobs FROM teacher_logprobs t JOIN generations g ON g.id = t.generation_id "
             "WHERE g.round_id = ? AND g.purpose = ?", (round_id, purpose))}
+
+    def teacher_topk(self, round_id: int, k: int, purpose: str = "train") -> dict[int, tuple[list[list[int]], list[list[float]]]]:
+        """generation id -> the teacher's k most likely tokens at each position of the answer and their
+        log-probabilities ([tokens][k] each), for a round's answers scored with at least k alternatives."""
+        out = {}
+        for r in self.query("SELECT t.generation_id, t.top_k, t.topk_ids, t.topk_logprobs FROM teacher_logprobs t "
+                            "JOIN generations g ON g.id = t.generation_id "
+                            "WHERE g.round_id = ? AND g.purpose = ? AND t.top_k >= ?", (round_id, purpose, k)):
+            w, ids, lps = r["top_k"], unpack_ints(r["topk_ids"]), unpack_floats(r["topk_logprobs"])
+            out[r["generation_id"]] = ([ids[i:i + k] for i in range(0, len(ids), w)], [lps[i:i + k] for i in range(0, len(lps), w)])
+        return out
 
     def add_teacher_usage(self, round_id: int | None, teacher: str, purpose: str, method: str, requests: int,
                           prompt_tokens: int, completion_tokens: int, seconds: float) -> int:

@@ -368,6 +368,36 @@ def test_a_distillation_round_scores_the_rounds_answers_with_the_teacher_once_an
         assert teacher.starts == 1 and teacher.pid is None and teacher.last_freed_mib > 50  # stopped before training
 
 
+def test_a_topk_distillation_round_stores_the_teachers_alternatives_and_trains_on_them(make_cycle, tiny_model_dir):
+    """objective forward_kl through the cycle (the teacher is the student's own base, so its
+    divergence from the trainer's student is ~0): one teacher request per answer gives the sampled
+    tokens' figures and each position's top-k, stored beside them (4 + 8k bytes a token) and read
+    back into the round's rows; answers scored for reverse KL only are asked again for the lists."""
+    cyc = make_cycle({"tasks": {"per_round": 8}, "generation": {"temperature": 1.0},
+                      "teacher": {"kind": "transformers", "model": str(tiny_model_dir)},
+                      "training": {"algorithm": "distill", "distill": {"min_samples": 4, "samples_per_task": 2,
+                                                                         "objective": "forward_kl", "top_k": 4}}})
+    rnd = cyc.run_round()
+    assert rnd.decision in ("promote", "reject"), rnd.reasons
+    sampled, stored = cyc.store.sample_logprobs(rnd.id), cyc.store.teacher_topk(rnd.id, 4)
+    assert stored and cyc.store.teacher_topk(rnd.id, 5) == {}
+    for gid, (ids, lps) in stored.items():
+        assert len(ids) == len(lps) == len(sampled[gid][0]) and all(len(r) == 4 == len(set(r)) for r in ids)
+        assert all(r == sorted(r, reverse=True) and r[0] <= 0 for r in lps)
+    size = cyc.store.query("SELECT sum(length(logprobs) + length(topk_ids) + length(topk_logprobs)) AS b, "
+                           "max(top_k) AS k FROM teacher_logprobs")[0]
+    assert size["k"] == 4 and size["b"] == (4 + 8 * 4) * sum(len(sampled[g][0]) for g in stored)
+    m = cyc.store.training_runs(rnd.id)[-1]["metrics"]
+    assert m["distill_steps"] > 0 and abs(m["distill_divergence_before"]) < 1e-3, m
+    rows, counts = cyc.distill_data(rnd.id)
+    assert counts["distill_asked"] == 0 and all(r.topk_ids and len(r.topk_ids) == len(r.token_ids) for r in rows)
+    # a row scored without alternatives (reverse KL) is scored again for them, and replaced
+    gid = next(iter(stored))
+    cyc.store.execute("UPDATE teacher_logprobs SET top_k = NULL, topk_ids = NULL, topk_logprobs = NULL WHERE generation_id = ?", (gid,))
+    _, counts = cyc.distill_data(rnd.id)
+    assert counts["distill_asked"] == 1 and cyc.store.teacher_topk(rnd.id, 4)[gid] == stored[gid]
+
+
 class _BadTeacher:
     """A teacher server gone wrong: the faked part is the teacher, the cycle's handling is under test."""
 
@@ -381,11 +411,40 @@ class _BadTeacher:
         bad = [[], [float("nan")], [0.5]]  # too few figures, not a number, a probability above 1
         return [([-1.0] * len(ids) if i % 2 else bad[i // 2 % 3] + [-1.0] * (len(ids) - 1)) for i, ids in enumerate(token_ids)]
 
+    def token_topk(self, prompts, token_ids, k, adapter=None):
+        from selfdistill.engines.base import TokenTopK
+
+        lps = self.token_logprobs(prompts, token_ids)
+        good = list(range(3, 3 + k)), [-0.5 - j for j in range(k)]
+        bad = [(good[0][:-1] + [3], good[1]), (good[0], [0.3] + good[1][1:]), (good[0][:-1], good[1][:-1])]  # a repeat, > 0, too few
+        return [TokenTopK([-1.0] * len(ids), [(good if i % 4 == 1 else bad[i // 4 % 3])[0]] * len(ids),
+                          [(good if i % 4 == 1 else bad[i // 4 % 3])[1]] * len(ids)) if lp == [-1.0] * len(ids) else TokenTopK(lp, [], [])
+                for i, (ids, lp) in enumerate(zip(token_ids, lps))]
+
     def release(self):
+        pass
+
+    def resume(self):
         pass
 
     def close(self):
         pass
+
+
+@pytest.mark.parametrize("objective", ["forward_kl"])
+def test_a_teacher_whose_top_k_lists_are_garbage_stores_none_of_them(make_cycle, tiny_model_dir, objective):
+    cyc = make_cycle({"tasks": {"per_round": 8}, "generation": {"temperature": 1.0, "max_tokens": 6},
+                      "teacher": {"kind": "transformers", "model": str(tiny_model_dir)},
+                      "training": {"algorithm": "distill", "distill": {"min_samples": 2, "objective": objective, "top_k": 3}}})
+    cyc.serving._teacher, cyc._teacher_tokenizer = _BadTeacher(False), "sha256:test"
+    rnd = cyc.run_round()
+    stored = cyc.store.teacher_topk(rnd.id, 3)
+    assert stored and all(ids[0] == [3, 4, 5] and lps[0] == [-0.5, -1.5, -2.5] for ids, lps in stored.values())
+    asked = len(cyc.store.generations(rnd.id, "train"))
+    assert len(stored) <= asked / 4, (len(stored), asked)  # one in four of the teacher's lists is well formed
+    rows, counts = cyc.distill_data(rnd.id)  # the rejected ones are asked again; still only good lists are kept
+    assert counts["distill_asked"] == asked - len(stored) and counts["distill_rejected"] > 0
+    assert counts["distill_samples"] == len(cyc.store.teacher_topk(rnd.id, 3)) == len(rows)
 
 
 @pytest.mark.parametrize("fail", [False, True])

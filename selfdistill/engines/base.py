@@ -48,6 +48,17 @@ class Completion:
 
 
 @dataclass
+class TokenTopK:
+    """A teacher's view of given tokens after a prompt: the log-probability of each given token, and
+    at each position the k most likely tokens with theirs (most likely first; the given token may
+    or may not be among them)."""
+
+    logprobs: list[float]  # one per given token
+    ids: list[list[int]]  # [tokens][k]
+    top: list[list[float]]  # [tokens][k]
+
+
+@dataclass
 class AdapterRef:
     """A LoRA adapter version: a name unique to this version, and its directory."""
 
@@ -87,6 +98,13 @@ class Engine(Protocol):
     ) -> list[list[float]]:
         """The log-probability (temperature 1) of each given token after its prompt: the ids are in
         this engine's vocabulary (a teacher scoring a student's sample must share its tokenizer)."""
+        ...
+
+    def token_topk(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None
+    ) -> list[TokenTopK]:
+        """token_logprobs with, at each position, the k most likely tokens and their log-probabilities
+        (temperature 1): what top-k forward KL and generalised JSD distillation learn from."""
         ...
 
     def load_adapter(self, ref: AdapterRef) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from selfdistill.config import EngineConfig
-from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
+from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, TokenTopK, loaded_adapter
 from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
 from selfdistill.errors import EngineError
 from selfdistill.models import check_model_dir, offline_env
@@ -135,6 +135,14 @@ class TransformersEngine:
     def token_logprobs(
         self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
     ) -> list[list[float]]:
+        return [x.logprobs for x in self._scored(prompts, token_ids, 0, adapter)]
+
+    def token_topk(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None
+    ) -> list[TokenTopK]:
+        return self._scored(prompts, token_ids, k, adapter)
+
+    def _scored(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None) -> list[TokenTopK]:
         import torch
 
         heads = render_all(self.tokenizer, prompts, self.max_model_len)
@@ -143,7 +151,7 @@ class TransformersEngine:
             if len(f) > self.max_model_len:
                 raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is "
                                   f"{self.max_model_len}: shorten it or raise engine.max_model_len")
-        res: list[list[float]] = []
+        res: list[TokenTopK] = []
         bs = self.cfg.batch_size
         with self._with_adapter(adapter), torch.inference_mode():
             for s in range(0, len(full), bs):
@@ -153,9 +161,17 @@ class TransformersEngine:
                 mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in chunk])
                 logp = torch.log_softmax(self.model(input_ids=inp, attention_mask=mask).logits.float(), -1)
                 for b, (f, h) in enumerate(zip(chunk, hs)):
+                    if len(f) == len(h):
+                        res.append(TokenTopK([], [], []))
+                        continue
                     # the token at position j is predicted by the logits at j - 1
-                    pos = torch.arange(len(h), len(f))
-                    res.append(logp[b, pos - 1, torch.tensor(f[len(h):], dtype=torch.long)].tolist() if len(f) > len(h) else [])
+                    rows = logp[b, torch.arange(len(h), len(f)) - 1]
+                    given = rows.gather(-1, torch.tensor(f[len(h):], dtype=torch.long).unsqueeze(-1)).squeeze(-1).tolist()
+                    if k:
+                        top = rows.topk(min(k, rows.shape[-1]), dim=-1)
+                        res.append(TokenTopK(given, top.indices.tolist(), top.values.tolist()))
+                    else:
+                        res.append(TokenTopK(given, [], []))
         return res
 
     def load_adapter(self, ref: AdapterRef) -> None:

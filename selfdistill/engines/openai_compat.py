@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from selfdistill.config import OpenAIEndpoint
-from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
+from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, TokenTopK, loaded_adapter
 from selfdistill.errors import EngineError
 
 RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
@@ -230,21 +230,47 @@ class OpenAIEngine:
         return self._post(tok, {"model": model, "messages": prompt, "add_generation_prompt": True})["tokens"]
 
     def _token_logprobs_one(self, prompt: Prompt, tail: list[int], model: str) -> list[float]:
+        return self._token_topk_one(prompt, tail, model, 0).logprobs
+
+    def token_topk(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None
+    ) -> list[TokenTopK]:
+        model = self._model(adapter)
+        return self._map(lambda pt: self._token_topk_one(pt[0], list(pt[1]), model, k), list(zip(prompts, token_ids)))
+
+    def _token_topk_one(self, prompt: Prompt, tail: list[int], model: str, k: int) -> TokenTopK:
         # The prompt goes through the server's own chat template (/tokenize), so the ids are the
-        # ones generation would see; echo + logprobs then scores every prompt token.
+        # ones generation would see; echo + logprobs then scores every prompt token, and with k > 0
+        # lists each position's k most likely tokens, as ids (vLLM's return_tokens_as_token_ids).
         if not tail:
-            return []
+            return TokenTopK([], [], [])
         head = self._tokenize(prompt, model)
         ids = head + tail
-        data = self._post(
-            f"{self.base}/completions",
-            {"model": model, "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0.0},
-        )
-        lps = data["choices"][0]["logprobs"]["token_logprobs"][len(head) : len(ids)]
+        body = {"model": model, "prompt": ids, "echo": True, "logprobs": k, "max_tokens": 1, "temperature": 0.0}
+        if k:
+            body["return_tokens_as_token_ids"] = True
+        data = self._post(f"{self.base}/completions", body)
+        got = data["choices"][0]["logprobs"]
+        lps = got["token_logprobs"][len(head) : len(ids)]
         if len(lps) != len(tail) or any(not isinstance(x, (int, float)) for x in lps):
             raise EngineError(f"{self.base}/completions echoed {len(lps)} log-probabilities for {len(tail)} tokens: "
                               "the server does not score prompt tokens (a vLLM server does, with echo and logprobs)")
-        return [float(x) for x in lps]
+        if not k:
+            return TokenTopK([float(x) for x in lps], [], [])
+        tops = (got.get("top_logprobs") or [])[len(head) : len(ids)]
+        out_ids, out_lps = [], []
+        try:
+            for d in tops:
+                pairs = sorted(((int(t.removeprefix("token_id:")), float(v)) for t, v in d.items()), key=lambda p: -p[1])[:k]
+                out_ids.append([t for t, _ in pairs])
+                out_lps.append([v for _, v in pairs])
+        except (AttributeError, TypeError, ValueError):
+            raise EngineError(f"{self.base}/completions gave top log-probabilities keyed by text, not token ids: top-k "
+                              "distillation needs a vLLM server (it honours return_tokens_as_token_ids)") from None
+        if len(out_ids) != len(tail) or any(len(x) < min(k, 1) for x in out_ids):
+            raise EngineError(f"{self.base}/completions listed top log-probabilities for {len(out_ids)} of {len(tail)} tokens: "
+                              "the server does not give prompt tokens' alternatives (a vLLM server does, with echo and logprobs)")
+        return TokenTopK([float(x) for x in lps], out_ids, out_lps)
 
     def load_adapter(self, ref: AdapterRef) -> None:
         # The path is the server's: it is not checked here, the server refuses a bad one (4xx).

@@ -305,6 +305,9 @@ class ServedTeacher:
     def token_logprobs(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None) -> list[list[float]]:
         return self._call(lambda e: e.token_logprobs(prompts, token_ids, adapter=adapter))
 
+    def token_topk(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None) -> list:
+        return self._call(lambda e: e.token_topk(prompts, token_ids, k, adapter=adapter))
+
     def tokenize(self, prompt: Prompt, adapter: str | None = None) -> list[int]:
         return self._call(lambda e: e.tokenize(prompt, adapter=adapter))
 

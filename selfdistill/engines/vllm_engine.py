@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from selfdistill.config import EngineConfig
-from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, loaded_adapter
+from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, TokenTopK, loaded_adapter
 from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
 from selfdistill.errors import EngineError
 from selfdistill.models import check_model_dir
@@ -174,6 +174,14 @@ class VLLMEngine:
     def token_logprobs(
         self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
     ) -> list[list[float]]:
+        return [x.logprobs for x in self._scored(prompts, token_ids, 0, adapter)]
+
+    def token_topk(
+        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None
+    ) -> list[TokenTopK]:
+        return self._scored(prompts, token_ids, k, adapter)
+
+    def _scored(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None) -> list[TokenTopK]:
         from vllm import SamplingParams as VSP
 
         llm, lora = self._live(adapter)
@@ -183,10 +191,20 @@ class VLLMEngine:
             if len(f) + 1 > self.max_model_len:
                 raise EngineError(f"prompt {i} with its completion has {len(f)} tokens, the engine's context is "
                                   f"{self.max_model_len}: shorten it or raise engine.max_model_len")
-        # prompt_logprobs are of the raw model (temperature only shapes the one token sampled after)
-        sp = VSP(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        # prompt_logprobs are of the raw model (temperature only shapes the one token sampled after);
+        # each position's dict holds the k most likely tokens and the given one
+        sp = VSP(max_tokens=1, prompt_logprobs=k, temperature=0.0)
         outs = llm.generate([{"prompt_token_ids": f} for f in full], sp, lora_request=lora, use_tqdm=False)
-        return [[float(o.prompt_logprobs[j][f[j]].logprob) for j in range(len(h), len(f))] for h, f, o in zip(heads, full, outs)]
+        res = []
+        for h, f, o in zip(heads, full, outs):
+            pos = [o.prompt_logprobs[j] for j in range(len(h), len(f))]
+            given = [float(d[f[j]].logprob) for j, d in zip(range(len(h), len(f)), pos)]
+            if not k:
+                res.append(TokenTopK(given, [], []))
+                continue
+            tops = [sorted(d.items(), key=lambda kv: -kv[1].logprob)[:k] for d in pos]
+            res.append(TokenTopK(given, [[t for t, _ in top] for top in tops], [[float(x.logprob) for _, x in top] for top in tops]))
+        return res
 
     def load_adapter(self, ref: AdapterRef) -> None:
         from vllm.lora.request import LoRARequest

@@ -36,6 +36,21 @@ log-probabilities were computed in the daemon (stored in teacher_logprobs, same 
 rendered prompt) and arrive with each row; the loss is normalised per token. Logged besides:
 reverse_kl, the mean over the step's tokens of logp_theta - logp_teacher.
 
+With `training.distill.objective` forward_kl or jsd the stage is instead a supervised divergence
+on the student's own samples (Agarwal et al.'s generalised KD; TRL's GKD): at each position t of
+an answer the teacher listed its top_k tokens; both distributions are reduced to those k tokens
+and the rest as one bucket (a coarsening, so the divergence is a lower bound of the full one and
+exact as k grows), and the loss per token is
+
+    forward_kl:  KL(T_t || S_t) = sum_j T_t(j) * (log T_t(j) - log S_t(j))
+    jsd:         beta * KL(T_t || M_t) + (1 - beta) * KL(S_t || M_t),  M_t = beta * T_t + (1 - beta) * S_t
+
+normalised per token (plus the KL term to the reference when kl_beta > 0). It needs no importance
+ratio (the positions are the sampler's, the loss is a function of the student's distribution
+there); the ratio is still logged and guarded, as a measure of how far the passes moved the
+policy. Top-k reverse KL is not offered: it was reported unstable (the student's mass outside the
+teacher's top k has no signal). Logged besides: divergence, the step's mean per-token loss.
+
 One process only: the configuration refuses an RL stage with num_processes > 1.
 """
 
@@ -64,6 +79,8 @@ class Example:
     old: Any = None  # tensor [answer tokens]: the incumbent's log-probabilities, in this trainer
     ref: Any = None  # tensor [answer tokens]: the reference's (kl_beta > 0)
     teacher: Any = None  # tensor [answer tokens]: the teacher's log-probabilities (distillation)
+    top_ids: Any = None  # tensor [answer tokens, k]: the teacher's k most likely tokens (top-k objectives)
+    top_lp: Any = None  # tensor [answer tokens, k]: their log-probabilities under the teacher
 
 
 def prepare(spec, tok, model, groups: list[dict[str, Any]]) -> tuple[list[Example], dict[str, Any]]:
@@ -123,6 +140,8 @@ def prepare_distill(spec, tok, model, rows: list[dict[str, Any]]) -> tuple[list[
 
     tc = spec.training_config()
     dc = tc.distill
+    k = dc.top_k if dc.objective != "reverse_kl" else 0
+    vocab = model.get_output_embeddings().weight.shape[0]
     examples: list[Example] = []
     bad = too_long = 0
     prompts: dict[str, list[int]] = {}
@@ -131,6 +150,15 @@ def prepare_distill(spec, tok, model, rows: list[dict[str, Any]]) -> tuple[list[
         if not ids or len(t_lps) != len(ids) or (lps is not None and len(lps) != len(ids)):
             bad += 1
             continue
+        top_ids = top_lp = None
+        if k:
+            ti, tl = r.get("topk_ids") or [], r.get("topk_logprobs") or []
+            if (len(ti) != len(ids) or len(tl) != len(ids) or any(len(x) < k for x in ti) or any(len(x) < k for x in tl)
+                    or any(t >= vocab for x in ti for t in x[:k])):
+                bad += 1  # scored without alternatives, or by a teacher whose vocabulary is not this model's
+                continue
+            top_ids = torch.tensor([x[:k] for x in ti], dtype=torch.long)
+            top_lp = torch.tensor([x[:k] for x in tl], dtype=torch.float32)
         if r["prompt"] not in prompts:
             prompts[r["prompt"]] = render(tok, chat_messages(r["prompt"], spec.system_prompt))
         p_ids = prompts[r["prompt"]]
@@ -139,7 +167,8 @@ def prepare_distill(spec, tok, model, rows: list[dict[str, Any]]) -> tuple[list[
             too_long += 1
             continue
         examples.append(Example(list(p_ids) + list(ids[:room]), len(p_ids), None, lps[:room] if lps is not None else None,
-                                teacher=torch.tensor(t_lps[:room], dtype=torch.float32)))
+                                teacher=torch.tensor(t_lps[:room], dtype=torch.float32),
+                                top_ids=top_ids[:room] if k else None, top_lp=top_lp[:room] if k else None))
     if len(examples) < dc.min_samples:
         raise StageSkipped(f"{len(examples)} samples scored by the teacher < training.distill.min_samples {dc.min_samples}"
                            + (f" ({bad} with mismatched log-probabilities, {too_long} over training.max_length)" if bad or too_long else ""))
@@ -155,7 +184,33 @@ def prepare_distill(spec, tok, model, rows: list[dict[str, Any]]) -> tuple[list[
         ex.advantage = dc.coef * a
     info = {"distill_samples": len(examples), "distill_rejected": bad, "distill_too_long": too_long,
             "distill_reverse_kl_before": round(float(gap.mean()), 6)}
+    if k:
+        model.eval()
+        with torch.no_grad():
+            div = [float(topk_divergence(s_top, ex.top_lp, dc.objective, dc.jsd_beta).sum())
+                   for batch in _batches(examples, tc.batch_size) for ex, s_top in zip(batch, _answer_logps(model, batch, top=True)[2])]
+        info["distill_divergence_before"] = round(sum(div) / sum(len(ex.ids) - ex.prompt_len for ex in examples), 6)
     return examples, info
+
+
+def topk_divergence(s_top, t_top, objective: str, beta: float = 0.5):
+    """Per position, the divergence of student from teacher over the teacher's top-k tokens and the
+    rest as one bucket (see the module's formula); `s_top`, `t_top` [tokens, k] log-probabilities
+    of the same token ids under the student and the teacher. A tensor [tokens], differentiable in
+    `s_top`."""
+    import torch
+
+    def with_rest(lp):
+        rest = torch.log(torch.clamp(1 - lp.exp().sum(-1, keepdim=True), min=1e-6))
+        return torch.cat([lp, rest], dim=-1)
+
+    s, t = with_rest(s_top), with_rest(t_top)
+    if objective == "forward_kl":
+        return (t.exp() * (t - s)).sum(-1)
+    if objective == "jsd":
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
+        return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    raise ValueError(f"unknown top-k objective {objective!r}")
 
 
 def _incumbent_logps(tc, model, examples: list[Example]) -> None:
@@ -184,9 +239,10 @@ def _batches(examples: list[Example], size: int):
         yield examples[i:i + size]
 
 
-def _answer_logps(model, batch: list[Example], entropy: bool = False):
-    """Per example, the log-probability of each answer token (a tensor), and the mean token entropy
-    over the batch's answer tokens (a scalar tensor, when asked)."""
+def _answer_logps(model, batch: list[Example], entropy: bool = False, top: bool = False):
+    """Per example, the log-probability of each answer token (a tensor), the mean token entropy
+    over the batch's answer tokens (a scalar tensor, when asked) and, with `top`, per example the
+    log-probabilities [answer tokens, k] of the teacher's top-k tokens at each position (else None)."""
     import torch
 
     width = max(len(ex.ids) for ex in batch)
@@ -204,7 +260,10 @@ def _answer_logps(model, batch: list[Example], entropy: bool = False):
             sel[b, ex.prompt_len - 1:len(ex.ids) - 1] = True
         h = -(logp_all.exp() * logp_all).sum(-1)
         ent = h[sel].mean()
-    return out, ent
+    tops = None
+    if top:
+        tops = [logp_all[b, ex.prompt_len - 1:len(ex.ids) - 1].gather(-1, ex.top_ids) for b, ex in enumerate(batch)]
+    return out, ent, tops
 
 
 def token_loss(lp, ex: Example, rl):
@@ -218,6 +277,22 @@ def token_loss(lp, ex: Example, rl):
     per_tok = -torch.min(ratio * a, clipped * a)
     if ex.sampler is not None:
         per_tok = per_tok * torch.exp(ex.old - torch.tensor(ex.sampler)).clamp(max=rl.sampler_ratio_cap)
+    kl = None
+    if rl.kl_beta > 0:
+        d = ex.ref - lp
+        kl = torch.exp(d) - d - 1
+        per_tok = per_tok + rl.kl_beta * kl
+    return per_tok, ratio, kl
+
+
+def divergence_loss(lp, s_top, ex: Example, rl, dc):
+    """(per-token loss, importance ratio, per-token KL or None) of one answer under a top-k
+    objective: the divergence at each position (topk_divergence), plus the KL term to the
+    reference; the ratio is for the log and the guard only."""
+    import torch
+
+    per_tok = topk_divergence(s_top, ex.top_lp, dc.objective, dc.jsd_beta)
+    ratio = torch.exp(lp - ex.old)
     kl = None
     if rl.kl_beta > 0:
         d = ex.ref - lp
@@ -241,6 +316,7 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
     own = tc.distill if stage == "distill" else rl
     opt = torch.optim.AdamW(params, lr=own.learning_rate or tc.learning_rate / 4, weight_decay=0.0)
     norm = "token_mean" if stage == "distill" else LOSS_NORMALISATION[rl.variant]
+    topk = stage == "distill" and tc.distill.objective != "reverse_kl"
     longest = max(len(ex.ids) - ex.prompt_len for ex in examples)
     rng = random.Random(spec.seed)
     micro = tc.batch_size
@@ -256,13 +332,19 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
                 params[0].data.fill_(math.nan)
             opt.zero_grad(set_to_none=True)
             tokens = sum(len(ex.ids) - ex.prompt_len for ex in chunk)
-            stats = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reverse_kl": 0.0}
+            stats = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reverse_kl": 0.0,
+                     "divergence": 0.0}
             for mb in _batches(chunk, micro):
-                logps, ent = _answer_logps(model, mb, entropy=True)
+                logps, ent, tops = _answer_logps(model, mb, entropy=True, top=topk)
                 total = 0.0
-                for ex, lp in zip(mb, logps):
-                    per_tok, ratio, kl = token_loss(lp, ex, rl)
-                    a = ex.advantage
+                for j, (ex, lp) in enumerate(zip(mb, logps)):
+                    if topk:
+                        per_tok, ratio, kl = divergence_loss(lp, tops[j], ex, rl, tc.distill)
+                        stats["divergence"] += float((per_tok.detach() - (rl.kl_beta * kl.detach() if kl is not None else 0)).sum())
+                        a = torch.zeros_like(ratio)  # no advantage: nothing is clipped
+                    else:
+                        per_tok, ratio, kl = token_loss(lp, ex, rl)
+                        a = ex.advantage
                     if kl is not None:
                         stats["kl"] += float(kl.detach().sum())
                     if ex.teacher is not None:
@@ -286,6 +368,8 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
                      "entropy": stats["entropy"], "step": step + 1}
             if stage == "distill":
                 entry["reverse_kl"] = stats["reverse_kl"] / max(1, stats["tokens"])
+            if topk:
+                entry["divergence"] = stats["divergence"] / max(1, stats["tokens"])
             log.append(entry)
             reason = guard.observe(entry, step + 1)
             if reason:
@@ -306,6 +390,7 @@ def stage_metrics(log: list[dict[str, float]], stage: str = "grpo") -> dict[str,
                          f"{p}_ratio_mean": round(sum(e["ratio_mean"] for e in log) / len(log), 4),
                          f"{p}_entropy_first": round(log[0]["entropy"], 4), f"{p}_entropy_last": round(log[-1]["entropy"], 4),
                          f"{p}_loss_first": log[0]["loss"], f"{p}_loss_last": log[-1]["loss"]}
-    if "reverse_kl" in log[0]:
-        m.update({f"{p}_reverse_kl_first": round(log[0]["reverse_kl"], 6), f"{p}_reverse_kl_last": round(log[-1]["reverse_kl"], 6)})
+    for key in ("reverse_kl", "divergence"):
+        if key in log[0]:
+            m.update({f"{p}_{key}_first": round(log[0][key], 6), f"{p}_{key}_last": round(log[-1][key], 6)})
     return m

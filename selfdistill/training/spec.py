@@ -26,14 +26,15 @@ One JSON object per line, three kinds, in any order:
   {"kind": "group", "prompt": "...", "weight": 1.0, "samples": [
       {"completion": "...", "reward": 1.0, "token_ids": [...] | null, "logprobs": [...] | null}, ...]}
   {"kind": "distill", "prompt": "...", "weight": 1.0, "token_ids": [...], "logprobs": [...] | null,
-   "teacher_logprobs": [...]}
+   "teacher_logprobs": [...], "topk_ids": [[...], ...], "topk_logprobs": [[...], ...]}
 `prompt` is the task prompt as stored (no chat markup): the child renders it with
 records.chat_messages(prompt, system_prompt) and the tokenizer's chat template, exactly as
 generation does. `weight` is the sampling weight of the row (rows with weight 0 are dropped). A
 group is one task's answers sampled by the incumbent for the policy-gradient stage; `token_ids`
 and `logprobs` are the sampled tokens and the sampler's log-probability of each (temperature 1).
 A distill row is one such answer with the teacher's log-probability of each of its tokens (the
-on-policy distillation stage)."""
+on-policy distillation stage) and, for the top-k objectives only, the teacher's k most likely
+tokens at each position with their log-probabilities ([tokens][k] each)."""
 
 KINDS = ("sft", "pair", "group", "distill")
 
@@ -52,7 +53,8 @@ def write_round_data(path: Path, sft: list[SftRecord], pairs: list[PairRecord], 
             f.write(json.dumps({"kind": "group", "prompt": g.prompt, "weight": g.weight, "samples": samples}) + "\n")
         for d in distill:
             f.write(json.dumps({"kind": "distill", "prompt": d.prompt, "weight": d.weight, "token_ids": d.token_ids,
-                                "logprobs": d.logprobs, "teacher_logprobs": d.teacher_logprobs}) + "\n")
+                                "logprobs": d.logprobs, "teacher_logprobs": d.teacher_logprobs,
+                                **({"topk_ids": d.topk_ids, "topk_logprobs": d.topk_logprobs} if d.topk_ids is not None else {})}) + "\n")
     return path
 
 

@@ -172,3 +172,4 @@ def tiny_engine(request, vllm_pool, tiny_dir):
     if request.param == "transformers":
         return request.getfixturevalue("hf_tiny")
     return _tiny_vllm(vllm_pool, tiny_dir, request.param)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from topk_check import assert_topk_matches
 
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, SamplingParams
@@ -155,11 +156,11 @@ def test_sampled_tokens_and_logprobs_are_the_trainers_at_temperature_1(tiny_engi
             assert len(c.token_ids) == len(c.logprobs) == c.completion_tokens
             assert tok.decode(c.token_ids, skip_special_tokens=True).startswith(c.text)
             with torch.no_grad():
-                (lp,), _ = _answer_logps(model, [Example(p + c.token_ids, len(p), 1.0, None)])
+                (lp,), _, _ = _answer_logps(model, [Example(p + c.token_ids, len(p), 1.0, None)])
             assert lp.tolist() == pytest.approx(c.logprobs, abs=2e-2)
 
 
-def test_token_logprobs_of_given_ids_are_the_samplers_and_survive_a_warm_prefix_cache(tiny_engine):
+def test_token_logprobs_of_given_ids_are_the_samplers_and_survive_a_warm_prefix_cache(tiny_engine, hf_tiny):
     """What a teacher's scoring of a student's sample rests on (on-policy distillation): the
     log-probability of each given token id after its prompt equals what sampling that token
     reported, also when the same prompts were just scored (vLLM caches prefixes; a reported bug
@@ -176,3 +177,9 @@ def test_token_logprobs_of_given_ids_are_the_samplers_and_survive_a_warm_prefix_
     (mixed,) = tiny_engine.token_logprobs(CHAT[:1], [ids[0][:3] + [ids[0][0]] * 2])
     assert mixed[:3] == pytest.approx(first[0][:3], abs=1e-4) and len(mixed) == 5 and all(x <= 0 for x in mixed)
     assert tiny_engine.token_logprobs(CHAT[:1], [[]]) == [[]]
+    # the top-k lists of top-k distillation: one request gives the given tokens' figures and each
+    # position's k best, checked against transformers' full distribution
+    top = tiny_engine.token_topk(prompts, ids, 5)
+    assert [t.logprobs for t in top] == [pytest.approx(f, abs=1e-4) for f in first]
+    assert_topk_matches(top, hf_tiny.token_topk(prompts, ids, 10_000), ids, 5, tol=2e-2)
+    assert tiny_engine.token_topk(CHAT[:1], [[]], 5)[0].ids == []

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from fake_openai import FakeOpenAI
+from topk_check import assert_topk_matches
 
 from selfdistill.config import OpenAIEndpoint
 from selfdistill.engines.base import AdapterRef, SamplingParams
@@ -60,6 +61,29 @@ def test_generate_chat_and_text(fake, make):
     assert {r["path"] for r in fake.requests} == {"/v1/chat/completions", "/v1/completions"}
     (c,), = eng.generate([CHAT], SamplingParams(logprobs=True))
     assert c.logprobs == [-0.5]
+
+
+@pytest.mark.parametrize("top, error", [
+    ([{"token_id:7": -0.1, "token_id:3": -2.0}] * 2, None),
+    ([{"alpha": -0.1, "beta": -2.0}] * 2, "keyed by text, not token ids: top-k distillation needs a vLLM server"),
+    ([None, None], "keyed by text"),
+    ([{"token_id:7": -0.1}], "listed top log-probabilities for 1 of 2 tokens"),
+])
+def test_top_k_lists_are_read_as_token_ids_or_refused_in_one_line(make, monkeypatch, top, error):
+    """What a server answers for echo + logprobs k: vLLM keys the alternatives by "token_id:N" when
+    asked; another server's text keys (or no lists) cannot be mapped to the student's ids."""
+    eng = make()
+    sent = []
+    monkeypatch.setattr(eng, "_tokenize", lambda prompt, model: [1, 2])
+    monkeypatch.setattr(eng, "_post", lambda url, body: sent.append(body) or {"choices": [{"logprobs": {
+        "token_logprobs": [None, -1.0, -0.1, -2.0], "top_logprobs": [None, None] + top}}]})
+    if error is None:
+        (got,) = eng.token_topk([CHAT], [[7, 3]], 2)
+        assert (got.logprobs, got.ids, got.top) == ([-0.1, -2.0], [[7, 3], [7, 3]], [[-0.1, -2.0], [-0.1, -2.0]])
+        assert sent[0]["return_tokens_as_token_ids"] is True and sent[0]["logprobs"] == 2 and sent[0]["echo"] is True
+    else:
+        with pytest.raises(EngineError, match=error):
+            eng.token_topk([CHAT], [[7, 3]], 2)
 
 
 @pytest.mark.parametrize("failures", [["503", "429"], ["garbage"], ["truncated"], ["close"], ["500", "502", "504"]])
@@ -230,6 +254,9 @@ def test_real_vllm_server(vllm_server, hf_tiny, adapters):
     ids = [[5, 9, 12, 7], [30, 31]]
     for a, b in zip(eng.token_logprobs(prompts[:2], ids, adapter="a-v1"), hf_tiny.token_logprobs(prompts[:2], ids, adapter="a-v1")):
         assert len(a) == len(b) and a == pytest.approx(b, rel=1e-3, abs=1e-3)
+    # and its top-k lists (echo + logprobs k, token ids by return_tokens_as_token_ids)
+    assert_topk_matches(eng.token_topk(prompts[:2], ids, 6, adapter="a-v1"), hf_tiny.token_topk(prompts[:2], ids, 10_000, adapter="a-v1"),
+                        ids, 6)
     hf_tiny.drop_adapter("a-v1")
     eng.drop_adapter("a-v1")
     served = [m["id"] for m in httpx.get(f"{vllm_server}/models").json()["data"]]

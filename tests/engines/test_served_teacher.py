@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from topk_check import assert_topk_matches
 
 from selfdistill.config import TeacherConfig
 from selfdistill.engines import make_teacher_engine
@@ -42,6 +43,7 @@ def test_a_served_teacher_starts_on_first_use_comes_back_after_a_kill_and_frees_
         got = teacher.token_logprobs(PROMPTS, IDS)
         for a, b in zip(got, want):  # the offline reference's figures, through echo + logprobs
             assert len(a) == len(b) and a == pytest.approx(b, rel=1e-3, abs=1e-3)
+        assert_topk_matches(teacher.token_topk(PROMPTS, IDS, 4), hf_tiny.token_topk(PROMPTS, IDS, 10_000), IDS, 4)
         first = teacher.pid
         assert teacher.starts == 1 and first and group_rss_mib(first) > 50
         # killed from outside (an OOM kill): the next call starts a new server and answers

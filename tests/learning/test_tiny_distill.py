@@ -77,6 +77,25 @@ def test_on_policy_distillation_from_a_local_teacher_beats_the_incumbent(tmp_pat
     assert figures[0]["decision"] == "promote" and second["reverse_kl_before"] < first["reverse_kl_before"] - 0.3, figures
 
 
+def test_top_k_forward_kl_from_a_local_teacher_beats_the_incumbent(tmp_path, tiny_model_dir):
+    """The same daemon and teacher, objective forward_kl: each answer's positions carry the
+    teacher's 8 most likely tokens (stored beside its figures, 68 bytes a token) and the child
+    lowers KL(teacher || student) over them and the rest; one round."""
+    teacher = number_teacher(tmp_path)
+    tasks, _ = tasks_file(tmp_path / "tasks.jsonl", 600, seed=0)
+    policy = distill_policy(tmp_path, tiny_model_dir, teacher, tasks, distill={"learning_rate": 2e-2, "passes": 4, "min_samples": 16,
+                                                                              "objective": "forward_kl", "top_k": 8})
+    db = run_daemon(tmp_path, policy, rounds=1, timeout=900)
+    figures, runs = round_figures(db, "distill")
+    stored = rows(db, "SELECT count(*) AS n, max(t.top_k) AS k, sum(length(t.logprobs) + length(t.topk_ids) + length(t.topk_logprobs)) "
+                      "AS bytes, sum(length(t.logprobs)) / 4 AS tokens FROM teacher_logprobs t")
+    print("\nFORWARD_KL " + json.dumps({"rounds": figures, "stored": stored, "metrics": runs}))
+    assert stored[0]["k"] == 8 and stored[0]["bytes"] == 68 * stored[0]["tokens"], stored
+    assert runs and runs[0]["distill_divergence_last"] < runs[0]["distill_divergence_first"], runs
+    (f,) = figures
+    assert f["decision"] == "promote" and f["p"] < 0.05 and f["candidate"] >= f["incumbent"] + 0.3, figures
+
+
 def test_teacher_labels_and_revisions_from_a_local_teacher_train_the_student_through_the_daemon(tmp_path, tiny_model_dir):
     """The same local teacher as a labeller and a reviser, with the daemon's expansion asking it
     for new tasks. The verifier wants a bare number: the student's random answers are never
