@@ -1114,7 +1114,8 @@ def _acc(m: dict) -> str:
 def _rl_figures(counts: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """The round's policy-gradient figures for the report and status: mean reward and pass rate of
     the samples, clip fraction and KL of the steps; distilling, the samples and teacher tokens and
-    the reverse KL to the teacher (nothing where no such stage trained)."""
+    the reverse KL to the teacher, and a top-k objective's divergence (nothing where no such stage
+    trained)."""
     out: dict[str, Any] = {}
     if "grpo_steps" in metrics:
         out["rl"] = {"reward_mean": counts.get("reward_mean"), "pass_rate": counts.get("pass_rate"),
@@ -1125,6 +1126,8 @@ def _rl_figures(counts: dict[str, Any], metrics: dict[str, Any]) -> dict[str, An
                           "reverse_kl_before": metrics.get("distill_reverse_kl_before"),
                           "reverse_kl_last": metrics.get("distill_reverse_kl_last"),
                           "clip_fraction": metrics.get("distill_clip_fraction"), "entropy": metrics.get("distill_entropy_last")}
+        if "distill_divergence_before" in metrics:  # a top-k objective's own loss
+            out["distill"].update(divergence_before=metrics["distill_divergence_before"], divergence_last=metrics.get("distill_divergence_last"))
     return out
 
 

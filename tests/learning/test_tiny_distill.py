@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from learning_helpers import NOUNS, bootstrap, round_figures, rows, run_daemon
 from sd_testutil import merged, tiny_policy_data, write_policy
 
@@ -77,22 +78,24 @@ def test_on_policy_distillation_from_a_local_teacher_beats_the_incumbent(tmp_pat
     assert figures[0]["decision"] == "promote" and second["reverse_kl_before"] < first["reverse_kl_before"] - 0.3, figures
 
 
-def test_top_k_forward_kl_from_a_local_teacher_beats_the_incumbent(tmp_path, tiny_model_dir):
-    """The same daemon and teacher, objective forward_kl: each answer's positions carry the
+@pytest.mark.parametrize("objective", ["forward_kl", "jsd"])
+def test_top_k_forward_kl_and_jsd_from_a_local_teacher_beat_the_incumbent(tmp_path, tiny_model_dir, objective):
+    """The same daemon and teacher, objective forward_kl or jsd: each answer's positions carry the
     teacher's 8 most likely tokens (stored beside its figures, 68 bytes a token) and the child
-    lowers KL(teacher || student) over them and the rest; one round."""
+    lowers KL(teacher || student), or their generalised JSD, over them and the rest; one round."""
     teacher = number_teacher(tmp_path)
     tasks, _ = tasks_file(tmp_path / "tasks.jsonl", 600, seed=0)
     policy = distill_policy(tmp_path, tiny_model_dir, teacher, tasks, distill={"learning_rate": 2e-2, "passes": 4, "min_samples": 16,
-                                                                              "objective": "forward_kl", "top_k": 8})
+                                                                              "objective": objective, "top_k": 8})
     db = run_daemon(tmp_path, policy, rounds=1, timeout=900)
     figures, runs = round_figures(db, "distill")
     stored = rows(db, "SELECT count(*) AS n, max(t.top_k) AS k, sum(length(t.logprobs) + length(t.topk_ids) + length(t.topk_logprobs)) "
                       "AS bytes, sum(length(t.logprobs)) / 4 AS tokens FROM teacher_logprobs t")
-    print("\nFORWARD_KL " + json.dumps({"rounds": figures, "stored": stored, "metrics": runs}))
+    print(f"\n{objective.upper()} " + json.dumps({"rounds": figures, "stored": stored, "metrics": runs}))
     assert stored[0]["k"] == 8 and stored[0]["bytes"] == 68 * stored[0]["tokens"], stored
     assert runs and runs[0]["distill_divergence_last"] < runs[0]["distill_divergence_first"], runs
     (f,) = figures
+    assert f["distill"]["divergence_before"] == runs[0]["distill_divergence_before"], f  # shown with the round
     assert f["decision"] == "promote" and f["p"] < 0.05 and f["candidate"] >= f["incumbent"] + 0.3, figures
 
 
