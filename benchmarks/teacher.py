@@ -18,7 +18,7 @@ The specialist's directory (OUT/specialist-merged) is what policies/cpu-distill.
 teacher; this script is its recipe. Run (57 minutes on 2 shared CPU cores on 2026-12-02, 55 of them
 the 307 SFT steps, which shared the cores with a full test-suite run):
 
-    .venv/bin/python benchmarks/teacher.py --out ../state/teacher
+    .venv/bin/python benchmarks/teacher.py --out state/teacher
 
 It prints a JSON summary and a Markdown table (also OUT/teacher.json and OUT/teacher.md).
 """

@@ -134,7 +134,7 @@ class TeacherConfig(_Model):
     kind: Literal["openai", "served", "transformers", "vllm"] = Field(
         "openai", description="How the teacher is reached: a server you run (openai), a vLLM server the daemon runs as its "
         "child (served), or a model loaded in the daemon (transformers, vllm).")
-    model: str | None = Field(None, description="Local model directory (kind served, transformers or vllm).")
+    model: str | None = Field(None, description="Local model directory (kind served, transformers or vllm; a path starting with . is relative to the policy file).")
     endpoint: OpenAIEndpoint | None = Field(None, description="kind='openai': the server.")
     serve: TeacherServe = Field(default_factory=TeacherServe, description="kind='served': how the daemon runs the teacher server.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature for teacher calls.")
@@ -650,6 +650,8 @@ class Policy(_Model):
             self.training.accelerate_config = (base / self.training.accelerate_config).resolve()
         if self.student.base_model != BUNDLED_STUDENT and self.student.base_model.startswith((".", "/")):
             self.student.base_model = str((base / self.student.base_model).resolve())
+        if self.teacher is not None and self.teacher.model and self.teacher.model.startswith("."):
+            self.teacher.model = str((base / self.teacher.model).resolve())
         return self
 
 

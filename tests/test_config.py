@@ -35,6 +35,9 @@ def test_relative_paths_resolve_against_the_policy_file():
     p = load_policy(ROOT / "policies" / "jsonl-verifier.toml")
     assert p.tasks.sources[0].path == (ROOT / "policies" / "examples" / "tasks.jsonl").resolve()
     assert p.state_dir == (ROOT / "state" / "jsonl-verifier").resolve()
+    d = load_policy(ROOT / "policies" / "cpu-distill.toml")  # the teacher the recipe makes, wherever the daemon starts
+    assert d.teacher.model == str((ROOT / "state" / "teacher" / "specialist-merged").resolve())
+    assert load_policy(ROOT / "policies" / "gpu-teacher.toml").teacher.model == "/srv/models/teacher"
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,210 @@
+"""What does a teacher buy the student, and by which route? One run, the same items, the same clock.
+
+Arms, each the real daemon (`selfdistill init`, `selfdistill run --burst`) on a copy of a policy
+(default policies/cpu-distill.toml) with its own state directory, the same task source and split
+(so the same held-out and audit items: checked), and the same wall-clock budget
+(`stopping.max_wall_s = --minutes`; the daemon does not start a round the last ones say cannot end
+in time):
+
+- `loop`     today's loop without a teacher: SFT on verified answers, then DPO on verified pairs;
+- `labels`   SFT on the verified answers and the teacher's verified labels (scoring.teacher_label);
+- `distill`  on-policy distillation alone (reverse KL on the student's own samples, training.distill);
+- `policy`   the policy as shipped (cpu-distill: teacher labels, SFT, then distillation).
+
+Then one vLLM engine scores, greedily and with the project's verifiers, the base and each arm's
+final checkpoint on the gate's held-out items and on the audit split (never trained on, never seen
+by a gate), paired exact McNemar p against the base; and the teacher itself (its own engine) on
+the same items: the ceiling. Per arm also: rounds, promotions, teacher tokens by use
+(teacher_usage), seconds per phase (summed over rounds).
+
+Run (the teacher first: benchmarks/teacher.py makes it once):
+
+    .venv/bin/python benchmarks/distill.py --out bench-out/distill --minutes 8
+
+It prints a JSON summary and a Markdown table (also OUT/distill.json and OUT/distill.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bootstrap import summary  # noqa: E402
+from learning import cli, dump_toml  # noqa: E402
+
+ARMS = ("loop", "labels", "distill", "policy")
+
+
+def arm_policy(src: Path, arm: str, out: Path, minutes: float) -> Path:
+    """The policy of one arm: `src` with its own state, the wall budget, and the arm's algorithm."""
+    data = tomllib.loads(src.read_text())
+    teacher = dict(data["teacher"])
+    if teacher.get("model", "").startswith("."):
+        teacher["model"] = str((src.parent / teacher["model"]).resolve())
+    data["teacher"] = teacher
+    data["name"] = f"bench-distill-{arm}"
+    data["state_dir"] = str((out / arm / "state").resolve())
+    st = data.setdefault("stopping", {})
+    st["max_wall_s"] = minutes * 60
+    st["max_rounds"] = 100
+    st.pop("plateau_rounds", None)
+    tr, sc, pairs = data.setdefault("training", {}), data.setdefault("scoring", {}), data.setdefault("pairs", {})
+    if arm == "loop":
+        data.pop("teacher")
+        st.pop("max_teacher_tokens", None)
+        tr.pop("distill", None)
+        tr["algorithm"] = "sft_then_dpo"
+        sc["teacher_label"] = False
+        pairs.update(strategy="verified_chosen", max_pairs_per_task=1)  # policies/cpu-demo.toml's pairs
+        tr.setdefault("min_pairs", 8)
+    elif arm == "labels":
+        tr.pop("distill", None)
+        tr["algorithm"] = "sft"
+        sc["teacher_label"] = True
+    elif arm == "distill":
+        tr["algorithm"] = "distill"
+        sc["teacher_label"] = False
+    data.setdefault("logging", {})["format"] = "json"
+    (out / arm).mkdir(parents=True, exist_ok=True)
+    p = out / arm / "policy.toml"
+    p.write_text(f"# written by benchmarks/distill.py from {src}, arm {arm}\n" + dump_toml(data))
+    return p
+
+
+def arm_figures(policy, audit_n: int) -> dict[str, Any]:
+    from selfdistill.store import DB_NAME, Store
+
+    store = Store.open(policy.state_dir / DB_NAME, readonly=True)
+    try:
+        rounds = store.rounds()
+        phases: dict[str, float] = {}
+        for ph in store.phases():
+            phases[ph["phase"]] = phases.get(ph["phase"], 0.0) + (ph["duration_s"] or 0.0)
+        current = store.current_checkpoint()
+        return {
+            "rounds": len(rounds), "decisions": [r["decision"] for r in rounds],
+            "final": current["id"], "path": current["path"] if current["id"] != "base" else None,
+            "teacher": store.teacher_usage(), "teacher_tokens": store.total_teacher_tokens(),
+            "phase_s": {k: round(v, 1) for k, v in sorted(phases.items())},
+            "gate": store.tasks(split="heldout", limit=policy.evaluation.heldout_items),
+            "audit": store.tasks(split="audit", limit=audit_n),
+        }
+    finally:
+        store.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-distill.toml")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "distill")
+    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of each arm's daemon run")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
+    a = ap.parse_args()
+    arms = [x for x in a.arms.split(",") if x]
+    if unknown := [x for x in arms if x not in ARMS]:
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+
+    from selfdistill.config import load_policy
+    from selfdistill.operations import base_model_dir
+    from selfdistill.stats import discordant, mcnemar_one_sided
+
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    src = load_policy(a.policy)
+    if src.teacher is None or not Path(src.teacher.model or "").is_dir():
+        raise SystemExit(f"{a.policy}: its teacher {src.teacher.model if src.teacher else None} is not a model directory; "
+                         "make it first: .venv/bin/python benchmarks/teacher.py --out state/teacher")
+    figures: dict[str, Any] = {}
+    t0 = time.time()
+    for arm in arms:
+        path = arm_policy(a.policy, arm, out, a.minutes)
+        log = out / arm / "daemon.log"
+        t = time.time()
+        assert cli("init", str(path), log=log, timeout=900) == 0, log.read_text()[-3000:]
+        rc = cli("run", str(path), "--burst", log=log, timeout=a.minutes * 60 + 1800)
+        assert rc in (0, 10), log.read_text()[-3000:]
+        figures[arm] = {**arm_figures(load_policy(path), a.audit), "wall_s": round(time.time() - t, 1)}
+        print(f"{arm}: {figures[arm]['rounds']} rounds {figures[arm]['decisions']} in {figures[arm]['wall_s']}s", flush=True)
+
+    first = figures[arms[0]]
+    for arm in arms[1:]:  # one split for all: the same source, seed and hash
+        for split in ("gate", "audit"):
+            if [t.prompt for t in figures[arm][split]] != [t.prompt for t in first[split]]:
+                raise SystemExit(f"arm {arm}: its {split} items are not arm {arms[0]}'s; the arms must share one split")
+    items = {"gate": first["gate"], "audit": first["audit"]}
+
+    from selfdistill.engines import make_engine
+    from selfdistill.engines.base import AdapterRef
+    from selfdistill.evaluation import evaluate_heldout
+    from selfdistill.records import chat_messages
+    from selfdistill.scoring.verifiers import resolve_verifier
+
+    def verify(text, task):
+        r = resolve_verifier(task, src.tasks.default_verifier, src.scoring, ())(text, task)
+        return r.score, r.correct
+
+    def scorer(engine):
+        def score(tasks, name):
+            res = evaluate_heldout(engine, name, tasks, verify,
+                                   lambda tk: chat_messages(tk.prompt + src.tasks.prompt_suffix, src.student.system_prompt),
+                                   src.evaluation.max_tokens)
+            return [it.correct for it in res.items]
+        return score
+
+    t = time.time()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(src.engine.cpu_kv_cache_gib)))
+    correct: dict[str, dict[str, list[bool]]] = {s: {} for s in items}
+    engine = make_engine(src.engine, base_model_dir(src), lora_rank=src.student.lora.r, cache_dir=out / "cache")
+    score = scorer(engine)
+    for split, tasks in items.items():
+        correct[split]["base"] = score(tasks, None)
+    for arm in arms:
+        if figures[arm]["path"] is None:
+            for split in items:
+                correct[split][arm] = correct[split]["base"]
+            continue
+        engine.load_adapter(AdapterRef(name=arm, path=figures[arm]["path"]))
+        for split, tasks in items.items():
+            correct[split][arm] = score(tasks, arm)
+    engine.close()
+    teacher = make_engine(src.engine, Path(src.teacher.model), lora_rank=None, cache_dir=out / "cache-teacher")
+    score = scorer(teacher)
+    for split, tasks in items.items():
+        correct[split]["teacher"] = score(tasks, None)
+    teacher.close()
+    eval_s = time.time() - t
+
+    models = ["base", *arms, "teacher"]
+    results = {split: {m: {**summary(c[m]), **({"p_vs_base": mcnemar_one_sided(*discordant(c[m], c["base"]))} if m != "base" else {})}
+                       for m in models} for split, c in correct.items()}
+    report = {"policy": str(a.policy), "minutes_per_arm": a.minutes, "arms": {k: {x: v for x, v in f.items() if x not in ("gate", "audit")}
+                                                                              for k, f in figures.items()},
+              "results": results, "eval_s": round(eval_s, 1), "total_s": round(time.time() - t0, 1)}
+    (out / "distill.json").write_text(json.dumps(report, indent=2))
+    lines = ["| model | audit acc [95% CI] | p vs base | gate items acc [95% CI] | rounds (promoted) | teacher tokens | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for m in models:
+        au, g = results["audit"][m], results["gate"][m]
+        f = figures.get(m)
+        extra = (f"{f['rounds']} ({f['decisions'].count('promote')}) | {f['teacher_tokens']:,} | {f['wall_s']:.0f}" if f else "- | - | -")
+        p = f"{au['p_vs_base']:.2g}" if "p_vs_base" in au else "-"
+        lines.append(f"| {m} | {au['accuracy']:.3f} [{au['ci'][0]:.3f}, {au['ci'][1]:.3f}] (n={au['n']}) | {p} | "
+                     f"{g['accuracy']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] (n={g['n']}) | {extra} |")
+    (out / "distill.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps(report, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
