@@ -134,7 +134,8 @@ class TeacherConfig(_Model):
     kind: Literal["openai", "served", "transformers", "vllm"] = Field(
         "openai", description="How the teacher is reached: a server you run (openai), a vLLM server the daemon runs as its "
         "child (served), or a model loaded in the daemon (transformers, vllm).")
-    model: str | None = Field(None, description="Local model directory (kind served, transformers or vllm; a path starting with . is relative to the policy file).")
+    model: str | None = Field(None, description="Local model directory (kind served, transformers or vllm; a path starting with . "
+                               "is relative to the policy file).")
     endpoint: OpenAIEndpoint | None = Field(None, description="kind='openai': the server.")
     serve: TeacherServe = Field(default_factory=TeacherServe, description="kind='served': how the daemon runs the teacher server.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature for teacher calls.")

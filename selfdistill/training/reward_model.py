@@ -103,9 +103,9 @@ def run_reward_model(spec, pairs: list[dict[str, Any]], scratch: str) -> tuple[s
                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
     t = time.monotonic()
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
-    from selfdistill.training.run import _check_left
+    from selfdistill.training.run import check_left
 
-    _check_left(trainer, len(train), "reward-model pairs", tc.max_length)
+    check_left(trainer, len(train), "reward-model pairs", tc.max_length)
     trainer.train()
     m["rm_train_s"] = round(time.monotonic() - t, 3)
     m["rm_steps"] = trainer.state.global_step

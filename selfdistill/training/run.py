@@ -213,12 +213,12 @@ def _train_sft(spec, tok, model, rows, scratch, callbacks):
         **_common_args(spec, scratch),
     )
     trainer = _weighted(SFTTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=callbacks)
-    _check_left(trainer, len(rows), "SFT examples", tc.max_length)
+    check_left(trainer, len(rows), "SFT examples", tc.max_length)
     trainer.train()
     return trainer
 
 
-def _check_left(trainer, given: int, what: str, max_length: int) -> None:
+def check_left(trainer, given: int, what: str, max_length: int) -> None:
     """TRL drops rows that tokenise to nothing trainable within max_length; a stage left with
     none fails with the reason instead of a sampler's 'num_samples=0'."""
     if len(trainer.train_dataset) == 0:
@@ -278,7 +278,7 @@ def _train_preference(spec, tok, model, rows, scratch, callbacks, incumbent_snap
             params = dict(model.named_parameters())
             for name, value in incumbent_snapshot.items():
                 params[name.replace(".default.", ".ref.")].data.copy_(value)
-    _check_left(trainer, len(rows), "pairs", tc.max_length)
+    check_left(trainer, len(rows), "pairs", tc.max_length)
     trainer.train()
     return trainer
 
