@@ -9,6 +9,7 @@ its own that a restart could reset. The HTTP server and the text format are prom
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,6 +84,11 @@ class StoreCollector:
             for r in q("SELECT phase, count(*) AS n, sum(duration_s) AS s FROM phases GROUP BY phase"):
                 dur.add_metric([r["phase"]], count_value=r["n"], sum_value=r["s"] or 0.0)
             yield dur
+
+            # the state directory's file system (the store, checkpoints, adapters): alert before it fills
+            disk = shutil.disk_usage(self.db_path.parent)
+            yield GaugeMetricFamily("selfdistill_state_disk_free_bytes", "Bytes free on the state directory's file system.", value=disk.free)
+            yield GaugeMetricFamily("selfdistill_state_disk_size_bytes", "Size of the state directory's file system.", value=disk.total)
 
             # the rest: one family per query, whose last column is the value and the others its labels
             for counter, name, help_, labels, sql in BY_LABELS:
