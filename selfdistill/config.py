@@ -606,6 +606,13 @@ class Policy(_Model):
         if "min_win_rate" in self.gates.model_fields_set and self.evaluation.pairwise_judge == "none":
             problems.append(f"gates.min_win_rate = {self.gates.min_win_rate:g} gates nothing while evaluation.pairwise_judge = 'none': "
                             "set evaluation.pairwise_judge = 'teacher' or 'self', or remove the key")
+        dc = self.training.distill
+        if "jsd_beta" in dc.model_fields_set and dc.objective != "jsd":
+            problems.append(f"training.distill.jsd_beta is used only by objective = 'jsd' (the objective is {dc.objective!r}): "
+                            "remove the key or set objective = 'jsd'")
+        if "top_k" in dc.model_fields_set and dc.objective == "reverse_kl":
+            problems.append("training.distill.top_k is used only by the top-k objectives (forward_kl, jsd; the objective is "
+                            "'reverse_kl'): remove the key or set the objective")
         if self.schedule.outside_windows == "idle" and not self.schedule.train_windows:
             problems.append(
                 "schedule.outside_windows = 'idle' needs schedule.train_windows "
