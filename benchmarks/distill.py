@@ -45,9 +45,12 @@ from learning import cli, dump_toml  # noqa: E402
 ARMS = ("loop", "labels", "distill", "policy")
 
 
-def arm_policy(src: Path, arm: str, out: Path, minutes: float) -> Path:
-    """The policy of one arm: `src` with its own state, the wall budget, and the arm's algorithm."""
+def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: float | None = None, rounds: int = 100) -> Path:
+    """The policy of one arm: `src` with its own state, the wall budget, the audit share (the same in
+    every arm, so the split is the same), and the arm's algorithm."""
     data = tomllib.loads(src.read_text())
+    if audit_fraction is not None:
+        data.setdefault("tasks", {})["audit_fraction"] = audit_fraction
     teacher = dict(data["teacher"])
     if teacher.get("model", "").startswith("."):
         teacher["model"] = str((src.parent / teacher["model"]).resolve())
@@ -56,7 +59,7 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float) -> Path:
     data["state_dir"] = str((out / arm / "state").resolve())
     st = data.setdefault("stopping", {})
     st["max_wall_s"] = minutes * 60
-    st["max_rounds"] = 100
+    st["max_rounds"] = rounds
     st.pop("plateau_rounds", None)
     tr, sc, pairs = data.setdefault("training", {}), data.setdefault("scoring", {}), data.setdefault("pairs", {})
     if arm == "loop":
@@ -108,8 +111,10 @@ def main() -> None:
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-distill.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "distill")
     ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of each arm's daemon run")
+    ap.add_argument("--rounds", type=int, default=100, help="at most this many rounds an arm (the clock decides unless smaller)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
+    ap.add_argument("--audit-fraction", type=float, default=0.2, help="tasks.audit_fraction of every arm (the policy's 0.1 holds ~100 items)")
     a = ap.parse_args()
     arms = [x for x in a.arms.split(",") if x]
     if unknown := [x for x in arms if x not in ARMS]:
@@ -128,7 +133,7 @@ def main() -> None:
     figures: dict[str, Any] = {}
     t0 = time.time()
     for arm in arms:
-        path = arm_policy(a.policy, arm, out, a.minutes)
+        path = arm_policy(a.policy, arm, out, a.minutes, a.audit_fraction, a.rounds)
         log = out / arm / "daemon.log"
         t = time.time()
         assert cli("init", str(path), log=log, timeout=900) == 0, log.read_text()[-3000:]

@@ -32,3 +32,26 @@ def test_rl_benchmark_runs(tmp_path, spell_bootstrap):
             assert c["audit"]["n"] == 40 and 0 <= c["pass_rate_T1"] <= 1
     assert res["arms"]["sft"]["candidates"], res["arms"]["sft"]["rounds"]
     assert "| sft | 1 | ckpt-000001 |" in (tmp_path / "rl.md").read_text()
+
+
+def test_distill_benchmark_runs(tmp_path, tiny_model_dir):
+    """benchmarks/distill.py end to end at toy sizes: two arms on the tiny model with itself as
+    the teacher, the same split checked across arms, base / arms / teacher scored on both splits."""
+    from sd_testutil import merged, tiny_policy_data, write_policy
+
+    policy = write_policy(tmp_path / "tiny-distill.toml", merged(tiny_policy_data(tiny_model_dir, "transformers"), {
+        "teacher": {"kind": "transformers", "model": str(tiny_model_dir), "max_tokens": 12},
+        "scoring": {"teacher_label": True},
+        "training": {"algorithm": "sft_then_distill", "distill": {"min_samples": 4}},
+        "stopping": {"max_teacher_tokens": 1_000_000}}))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill.py"), "--policy", str(policy), "--out", str(tmp_path / "out"),
+                        "--arms", "loop,distill", "--minutes", "10", "--rounds", "1", "--audit", "10"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    res = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert set(res["arms"]) == {"loop", "distill"} and res["arms"]["loop"]["teacher_tokens"] == 0
+    assert res["arms"]["distill"]["teacher"]["distill"]["requests"] > 0 and res["arms"]["distill"]["rounds"] == 1
+    assert all(d in ("promote", "reject") for arm in res["arms"].values() for d in arm["decisions"]), res["arms"]
+    for split in ("gate", "audit"):
+        assert set(res["results"][split]) == {"base", "loop", "distill", "teacher"} and res["results"][split]["base"]["n"] > 0
+    table = (tmp_path / "out" / "distill.md").read_text()
+    assert "| teacher |" in table and "| distill |" in table
