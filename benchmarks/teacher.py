@@ -68,6 +68,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=300, help="SFT optimizer steps of the specialist")
+    ap.add_argument("--time-limit", type=int, default=3 * 3600,
+                    help="seconds the SFT may take (307 steps took 55 and 60+ minutes on 2 cores shared with test runs)")
     ap.add_argument("--shots", type=int, default=8, help="worked examples in the context teacher's prompt")
     ap.add_argument("--audit", type=int, default=300, help="audit items")
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
@@ -88,7 +90,7 @@ def main() -> int:
     rows = [{"kind": "sft", "prompt": t.prompt + SUFFIX, "completion": t.answer, "weight": 1.0} for t in teach[a.shots:]]
     print(f"{len(rows)} teacher-training questions, {len(audit)} audit items", flush=True)
 
-    training = {"algorithm": "sft", "learning_rate": 2e-4, "batch_size": 16, "max_length": 256, "threads": 2, "time_limit_s": 3600,
+    training = {"algorithm": "sft", "learning_rate": 2e-4, "batch_size": 16, "max_length": 256, "threads": 2, "time_limit_s": a.time_limit,
                 "min_sft_examples": 1}
     lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     t = time.time()
