@@ -16,6 +16,11 @@ Names (a task's `verifier`, or the policy's `tasks.default_verifier`):
 - `code`: the answer is Python (the last ```python fence if any, else the whole text), run in the
   sandbox against `task.metadata["tests"]` (a string of asserts, or a list of them: the score is
   the share that pass).
+- `chrf` or `chrf:<threshold>`, `rougeL` or `rougeL:<threshold>`: free-text answers (summaries,
+  rewrites) against the reference answer by character n-gram F-score (chrF) or longest common
+  word subsequence (ROUGE-L), scoring/overlap.py. The score is the metric in [0, 1] (partial
+  credit); `correct` means it reached the threshold (default 0.5), the one exception to "correct
+  only at full score". They read the `<answer>` tag's content if there is one, else the whole reply.
 - `auto`: `reasoning_gym` for reasoning-gym tasks, else `normalized` when the task has a reference
   answer, else no verifier (None: judges only).
 
@@ -255,6 +260,24 @@ def register_verifier(name: str, fn: VerifierFn) -> None:
     _REGISTRY[name] = fn
 
 
+_OVERLAP = ("chrf", "rougeL")
+
+
+def _overlap(metric: str, threshold: float) -> VerifierFn:
+    from selfdistill.scoring.overlap import chrf, rouge_l
+
+    fn = chrf if metric == "chrf" else rouge_l
+
+    def verify_overlap(answer_text: str, task: Task) -> VerifierResult:
+        ref = _need_answer(task, metric)
+        tags = _TAG.findall(answer_text)
+        got = (tags[-1] if tags else answer_text).strip()
+        score = fn(got, ref)
+        return VerifierResult(score, score >= threshold, {"extracted": got[:200], metric: round(score, 4), "threshold": threshold})
+
+    return verify_overlap
+
+
 def get_verifier(name: str, scoring: ScoringConfig | None = None, hide: tuple[str, ...] = ()) -> Verifier:
     """The verifier called `name` (not 'auto': use resolve_verifier). `scoring` sets the code sandbox limits."""
     head, _, arg = name.partition(":")
@@ -275,7 +298,15 @@ def get_verifier(name: str, scoring: ScoringConfig | None = None, hide: tuple[st
             raise VerifierError(f"verifier '{name}': bad pattern ({e}); fix the regular expression") from None
     if name == "code":
         return Verifier(name, _code(scoring or ScoringConfig(), tuple(str(h) for h in hide)))
-    known = sorted([*_REGISTRY, "numeric[:tol]", "regex:<pattern>", "code", "auto"])
+    if head in _OVERLAP:
+        try:
+            threshold = float(arg) if arg else 0.5
+        except ValueError:
+            threshold = math.nan
+        if not 0 < threshold <= 1:
+            raise VerifierError(f"verifier '{name}': threshold '{arg}' is not a number in (0, 1]; write e.g. {head}:0.5")
+        return Verifier(name, _overlap(head, threshold))
+    known = sorted([*_REGISTRY, "numeric[:tol]", "regex:<pattern>", "code", "chrf[:threshold]", "rougeL[:threshold]", "auto"])
     raise VerifierError(f"unknown verifier '{name}'; known: {', '.join(known)}")
 
 
