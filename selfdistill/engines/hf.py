@@ -11,12 +11,12 @@ from typing import Sequence
 
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, TokenTopK, loaded_adapter
-from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
+from selfdistill.engines.local import ScoresGivenTokens, base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
 from selfdistill.errors import EngineError
 from selfdistill.models import check_model_dir, offline_env
 
 
-class TransformersEngine:
+class TransformersEngine(ScoresGivenTokens):
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, *, seed: int = 0):
         self.model_dir = check_model_dir(model_dir)
         self.cfg = cfg
@@ -131,16 +131,6 @@ class TransformersEngine:
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
     ) -> list[tuple[float, int]]:
         return score_completions(self, prompts, completions, adapter)
-
-    def token_logprobs(
-        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
-    ) -> list[list[float]]:
-        return [x.logprobs for x in self._scored(prompts, token_ids, 0, adapter)]
-
-    def token_topk(
-        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None
-    ) -> list[TokenTopK]:
-        return self._scored(prompts, token_ids, k, adapter)
 
     def _scored(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None) -> list[TokenTopK]:
         import torch

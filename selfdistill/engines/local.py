@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from selfdistill.engines.base import Prompt
+from selfdistill.engines.base import Prompt, TokenTopK
 from selfdistill.errors import EngineError, ModelError
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -133,3 +133,14 @@ def random_lora(model_dir: str | Path, out: str | Path, seed: int, r: int = 8, s
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(str(out))
     return Path(out)
+
+
+class ScoresGivenTokens:
+    """token_logprobs and token_topk of a local engine, both from its `_scored(prompts, token_ids,
+    k, adapter) -> list[TokenTopK]` (k = 0: the given tokens' figures only)."""
+
+    def token_logprobs(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None) -> list[list[float]]:
+        return [x.logprobs for x in self._scored(prompts, token_ids, 0, adapter)]
+
+    def token_topk(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None) -> list[TokenTopK]:
+        return self._scored(prompts, token_ids, k, adapter)

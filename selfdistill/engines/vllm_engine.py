@@ -27,7 +27,7 @@ from typing import Sequence
 
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, TokenTopK, loaded_adapter
-from selfdistill.engines.local import base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
+from selfdistill.engines.local import ScoresGivenTokens, base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
 from selfdistill.errors import EngineError
 from selfdistill.models import check_model_dir
 
@@ -40,7 +40,7 @@ _lora_ids = itertools.count(1)
 _running: list["VLLMEngine"] = []
 
 
-class VLLMEngine:
+class VLLMEngine(ScoresGivenTokens):
     def __init__(
         self, model_dir: str | Path, cfg: EngineConfig, *, lora_rank: int | None, seed: int = 0, cache_dir: str | Path
     ):
@@ -170,16 +170,6 @@ class VLLMEngine:
         self, prompts: Sequence[Prompt], completions: Sequence[str], adapter: str | None = None
     ) -> list[tuple[float, int]]:
         return score_completions(self, prompts, completions, adapter)
-
-    def token_logprobs(
-        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], adapter: str | None = None
-    ) -> list[list[float]]:
-        return [x.logprobs for x in self._scored(prompts, token_ids, 0, adapter)]
-
-    def token_topk(
-        self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None = None
-    ) -> list[TokenTopK]:
-        return self._scored(prompts, token_ids, k, adapter)
 
     def _scored(self, prompts: Sequence[Prompt], token_ids: Sequence[Sequence[int]], k: int, adapter: str | None) -> list[TokenTopK]:
         from vllm import SamplingParams as VSP

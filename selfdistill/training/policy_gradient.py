@@ -277,12 +277,7 @@ def token_loss(lp, ex: Example, rl):
     per_tok = -torch.min(ratio * a, clipped * a)
     if ex.sampler is not None:
         per_tok = per_tok * torch.exp(ex.old - torch.tensor(ex.sampler)).clamp(max=rl.sampler_ratio_cap)
-    kl = None
-    if rl.kl_beta > 0:
-        d = ex.ref - lp
-        kl = torch.exp(d) - d - 1
-        per_tok = per_tok + rl.kl_beta * kl
-    return per_tok, ratio, kl
+    return _with_kl(per_tok, ratio, lp, ex, rl)
 
 
 def divergence_loss(lp, s_top, ex: Example, rl, dc):
@@ -291,8 +286,13 @@ def divergence_loss(lp, s_top, ex: Example, rl, dc):
     reference; the ratio is for the log and the guard only."""
     import torch
 
-    per_tok = topk_divergence(s_top, ex.top_lp, dc.objective, dc.jsd_beta)
-    ratio = torch.exp(lp - ex.old)
+    return _with_kl(topk_divergence(s_top, ex.top_lp, dc.objective, dc.jsd_beta), torch.exp(lp - ex.old), lp, ex, rl)
+
+
+def _with_kl(per_tok, ratio, lp, ex: Example, rl):
+    """(per-token loss plus the k3 KL term to the reference when kl_beta > 0, ratio, per-token KL or None)."""
+    import torch
+
     kl = None
     if rl.kl_beta > 0:
         d = ex.ref - lp
