@@ -32,7 +32,7 @@ from typing import Any, Callable
 from selfdistill.config import Policy
 from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError, TeacherBudgetSpent
 from selfdistill.logs import log
-from selfdistill.records import Round, Task, chat_messages
+from selfdistill.records import Round, Task, chat_messages, with_suffix
 from selfdistill.service import hold_for_test, hook_seconds, sd_notify
 from selfdistill.stopping import Progress, should_stop
 from selfdistill.store import Store
@@ -148,7 +148,7 @@ class Cycle:
     # -- helpers ---------------------------------------------------------------------------
 
     def prompt_text(self, task: Task) -> str:
-        return task.prompt + self.policy.tasks.prompt_suffix
+        return with_suffix(task.prompt, self.policy.tasks.prompt_suffix)
 
     def messages(self, task: Task) -> list[dict[str, str]]:
         return chat_messages(self.prompt_text(task), self.policy.student.system_prompt)

@@ -237,8 +237,76 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+# A multi-turn task (a JSONL line's `messages`) is kept as one prompt string: this tag, then the
+# conversation as compact JSON. Everything that carries a prompt (the store, pairs, SFT rows, the
+# training child) carries the conversation unchanged; `chat_messages` turns it back into turns,
+# and the task's key (dedup, split) is the whole conversation's.
+CONVERSATION_TAG = "\u241e"  # SYMBOL FOR RECORD SEPARATOR: visible in SQL, never typed by a user
+ROLES = ("system", "user", "assistant")
+
+
+def conversation_problem(messages: Any) -> str | None:
+    """What is wrong with a conversation, or None: a list of {role, content} turns, an optional
+    system turn first, then user and assistant turns alternating, ending with a user turn."""
+    if not isinstance(messages, list) or not messages:
+        return "`messages` must be a non-empty list of {\"role\", \"content\"} objects"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            return f"messages[{i}] must be an object with exactly `role` and `content`"
+        if m["role"] not in ROLES:
+            return f"messages[{i}]: role {m['role']!r} is not one of {', '.join(ROLES)}"
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            return f"messages[{i}]: `content` must be a non-empty string"
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns, len(messages) - len(turns)):
+        want = "user" if (i - (len(messages) - len(turns))) % 2 == 0 else "assistant"
+        if m["role"] != want:
+            return f"messages[{i}] is a {m['role']} turn, expected {want} (an optional system turn first, then user and assistant alternating)"
+    if messages[-1]["role"] != "user":
+        return "the conversation must end with a user turn: that is the turn the student answers"
+    return None
+
+
+def conversation_prompt(messages: list[dict[str, str]]) -> str:
+    """The prompt string that carries a conversation (checked first: see conversation_problem)."""
+    problem = conversation_problem(messages)
+    if problem:
+        raise ValueError(problem)
+    return CONVERSATION_TAG + json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+
+
+def conversation(prompt: str) -> list[dict[str, str]] | None:
+    """The turns a prompt string carries, or None for a plain one-turn prompt."""
+    return json.loads(prompt[len(CONVERSATION_TAG):]) if prompt.startswith(CONVERSATION_TAG) else None
+
+
+def with_suffix(prompt: str, suffix: str) -> str:
+    """The prompt with the policy's prompt_suffix: appended to the last user turn of a conversation."""
+    if not suffix:
+        return prompt
+    turns = conversation(prompt)
+    if turns is None:
+        return prompt + suffix
+    return conversation_prompt(turns[:-1] + [{"role": "user", "content": turns[-1]["content"] + suffix}])
+
+
+def readable(prompt: str) -> str:
+    """A prompt as a judge, a teacher's revision request or a report shows it: a plain prompt as
+    it is, a conversation as its turns, one "Role: text" paragraph each."""
+    turns = conversation(prompt)
+    if turns is None:
+        return prompt
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+
+
 def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """The messages a task prompt is asked with; generation and training must use the same."""
+    """The messages a task prompt is asked with; generation and training must use the same. A
+    conversation's own system turn, where it has one, takes the place of the policy's."""
+    turns = conversation(prompt)
+    if turns is not None:
+        if system_prompt and turns[0]["role"] != "system":
+            return [{"role": "system", "content": system_prompt}, *turns]
+        return turns
     msgs = []
     if system_prompt:
         msgs.append({"role": "system", "content": system_prompt})

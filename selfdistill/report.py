@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfdistill.records import readable
 from selfdistill.store import DB_NAME, Store
 
 
@@ -127,7 +128,7 @@ def _samples(store: Store, n: int = 8) -> list[dict[str, Any]]:
     for it in base["items"]:
         other = mine.get(it["task_id"])
         t = tasks[it["task_id"]]
-        rows.append({"prompt": t.prompt, "answer": t.answer, "base": it["text"], "base_ok": it["correct"],
+        rows.append({"prompt": readable(t.prompt), "answer": t.answer, "base": it["text"], "base_ok": it["correct"],
                      "current": other["text"] if other else None, "current_ok": other["correct"] if other else None})
     rows.sort(key=lambda r: (r["current_ok"] == r["base_ok"], r["task_id"] if "task_id" in r else 0))
     return rows[:n]

@@ -586,3 +586,35 @@ def test_the_audit_split_is_measured_for_the_base_and_each_promotion_and_decides
     st = status_dict(cyc.policy)
     assert st["audit_current_metrics"] == next(e.metrics for e in evs if e.checkpoint_id == "ckpt-000001")
     assert st["audit_base_metrics"] == next(e.metrics for e in evs if e.checkpoint_id == "base")
+
+
+def test_a_conversation_task_is_asked_trained_and_evaluated_as_its_turns(make_cycle, tmp_path, monkeypatch):
+    """Multi-turn tasks (`messages` in a JSONL line) through a real round: the student is asked
+    every turn with the suffix on the last, the stored SFT rows and pairs carry the conversation,
+    the training child renders it, and the held-out evaluation asks the same turns."""
+    from selfdistill.engines.hf import TransformersEngine
+    from selfdistill.records import conversation
+
+    talk = tmp_path / "talk.jsonl"
+    talk.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"I have {i} pens."},
+                                                     {"role": "assistant", "content": f"You have {i} pens."},
+                                                     {"role": "user", "content": "I get 1 more. How many now?"}],
+                                        "answer": str(i + 1)}) + "\n" for i in range(40)))
+    asked = []
+    real = TransformersEngine.generate
+
+    def spy(self, prompts, *a, **kw):
+        asked.extend(prompts)
+        return real(self, prompts, *a, **kw)
+
+    monkeypatch.setattr(TransformersEngine, "generate", spy)
+    cyc = make_cycle({"tasks": {"sources": [{"type": "jsonl", "path": str(talk)}], "prompt_suffix": " Number only."},
+                      "training": {"max_length": 256}})  # three turns and a chat template: longer than one question
+    rnd = cyc.run_round()
+    assert rnd.decision in ("promote", "reject"), rnd.reasons
+    turns = [m for m in asked if isinstance(m, list) and len(m) == 3]
+    assert turns and all(m[1]["role"] == "assistant" and m[2]["content"].endswith("How many now? Number only.") for m in turns)
+    data = cyc.store.training_data(rnd.id)
+    rows = list(data.sft) + list(data.pairs)
+    assert rows and all(conversation(r.prompt)[-1]["content"].endswith(" Number only.") for r in rows)
+    assert cyc.store.latest_evaluation(rnd.candidate_id, "heldout") is not None

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from selfdistill.config import JudgeConfig
 from selfdistill.engines.base import Engine, SamplingParams
-from selfdistill.records import Candidate, PairRecord, SftRecord, Task, chat_messages
+from selfdistill.records import Candidate, PairRecord, SftRecord, Task, chat_messages, readable, with_suffix
 
 if TYPE_CHECKING:
     from selfdistill.scoring.health import AnchorVerdict
@@ -107,11 +107,11 @@ def parse_verdict(reply: str) -> str | None:
 
 
 def pointwise_prompt(question: str, answer: str) -> str:
-    return POINTWISE_TEMPLATE.format(tag=_tag(question, answer), question=question, answer=answer)
+    return POINTWISE_TEMPLATE.format(tag=_tag(question, answer), question=readable(question), answer=answer)
 
 
 def pairwise_prompt(question: str, a: str, b: str) -> str:
-    return PAIRWISE_TEMPLATE.format(tag=_tag(question, a, b), question=question, a=a, b=b)
+    return PAIRWISE_TEMPLATE.format(tag=_tag(question, a, b), question=readable(question), a=a, b=b)
 
 
 def _params(cfg: JudgeConfig) -> SamplingParams:
@@ -181,7 +181,7 @@ def teacher_label(
     """Teacher-written answers as SFT examples; a label the task's verifier rejects is dropped."""
     from selfdistill.scoring.verifiers import resolve_verifier
 
-    prompts = [t.prompt + prompt_suffix for t in tasks]
+    prompts = [with_suffix(t.prompt, prompt_suffix) for t in tasks]
     outs = engine.generate([chat_messages(p, system_prompt) for p in prompts], params)
     out = []
     for task, prompt, comps in zip(tasks, prompts, outs):
@@ -200,7 +200,7 @@ def teacher_revise(
     """(revision, wrong answer) pairs; a revision the task's verifier still rejects is dropped."""
     from selfdistill.scoring.verifiers import resolve_verifier
 
-    asks = [REVISE_TEMPLATE.format(tag=_tag(t.prompt, c.text), question=t.prompt + prompt_suffix, answer=c.text)
+    asks = [REVISE_TEMPLATE.format(tag=_tag(t.prompt, c.text), question=readable(with_suffix(t.prompt, prompt_suffix)), answer=c.text)
             for t, c in items]
     outs = engine.generate([chat_messages(a, system_prompt) for a in asks], params)
     out = []
@@ -208,7 +208,7 @@ def teacher_revise(
         verifier = resolve_verifier(task, default_verifier)
         revised = comps[0].text.strip()
         if revised and revised != cand.text.strip() and _verified(verifier, revised, task):
-            out.append(PairRecord(task.id, task.prompt + prompt_suffix, revised, cand.text,
+            out.append(PairRecord(task.id, with_suffix(task.prompt, prompt_suffix), revised, cand.text,
                                   margin=1.0 - (cand.score or 0.0), weight=weight, source="teacher_revise",
                                   rejected_gen_id=cand.generation_id))
     return out

@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 from selfdistill.config import ExpansionSource
 from selfdistill.engines.base import Engine, SamplingParams
 from selfdistill.pairs import similarity
-from selfdistill.records import TaskIn, chat_messages, normalize_prompt
+from selfdistill.records import TaskIn, chat_messages, normalize_prompt, readable
 
 MIN_PROMPT_CHARS = 12
 MAX_PROMPT_CHARS = 2000
@@ -64,7 +64,7 @@ class ExpansionResult:
 
 
 def _example(t: TaskIn) -> str:
-    return f"### Task\n{t.prompt.strip()}\n### Answer\n{(t.answer or '').strip()}"
+    return f"### Task\n{readable(t.prompt).strip()}\n### Answer\n{(t.answer or '').strip()}"
 
 
 def build_request(examples: Sequence[TaskIn]) -> str:

@@ -1,7 +1,8 @@
 """Task sources: turn a policy's `[[tasks.sources]]` entries into `TaskIn` records.
 
-- `jsonl`: one JSON object per line with `prompt` (required), `answer`, `verifier`, `category`,
-  `metadata`. A bad line (not JSON, not an object, no prompt, a wrong type, an unknown field) is
+- `jsonl`: one JSON object per line with `prompt` or `messages` (one of the two: a conversation,
+  `[{"role": "user", "content": ...}, ...]`, whose last user turn the student answers; an optional
+  system turn first), `answer`, `verifier`, `category`, `metadata`, `group`. A bad line (not JSON, not an object, no prompt, a wrong type, an unknown field) is
   reported as "FILE:LINE: what is wrong" in the `problems` list and skipped; the rest is read.
 - `reasoning_gym`: `size` items of a procedural dataset. Each task keeps in
   `metadata["reasoning_gym"]` what rebuilds its entry (dataset, config, seed, size, index), so the
@@ -26,9 +27,9 @@ from typing import Any, Iterator
 
 from selfdistill.config import DatasetDirSource, ExpansionSource, JsonlSource, ReasoningGymSource
 from selfdistill.errors import TaskSourceError
-from selfdistill.records import TaskIn
+from selfdistill.records import TaskIn, conversation_problem, conversation_prompt
 
-JSONL_FIELDS = {"prompt": str, "answer": (str, int, float), "verifier": str, "category": str, "metadata": dict, "group": (str, int)}
+JSONL_FIELDS = {"prompt": str, "messages": list, "answer": (str, int, float), "verifier": str, "category": str, "metadata": dict, "group": (str, int)}
 
 
 def source_name(cfg) -> str:
@@ -57,8 +58,14 @@ def _row_problem(row: Any) -> str | None:
     unknown = sorted(set(row) - set(JSONL_FIELDS))
     if unknown:
         return f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(JSONL_FIELDS)} (put extra data under metadata)"
-    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-        return "missing or empty `prompt` (a non-empty string)"
+    if "messages" in row:
+        if "prompt" in row:
+            return "both `prompt` and `messages`; a task has one of the two"
+        problem = conversation_problem(row["messages"])
+        if problem:
+            return problem
+    elif not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        return "missing or empty `prompt` (a non-empty string; or `messages`, a conversation)"
     for key, types in JSONL_FIELDS.items():
         if row.get(key) is not None and (not isinstance(row[key], types) or isinstance(row[key], bool)):
             return f"`{key}` must be {getattr(types, '__name__', 'a string or a number')}, got {type(row[key]).__name__}"
@@ -84,7 +91,8 @@ def _iter_jsonl(cfg: JsonlSource, base_dir: Path | None, problems: list[str]) ->
                 problems.append(f"{path}:{lineno}: {problem}")
                 continue
             yield TaskIn(
-                source=name, prompt=row["prompt"], answer=_answer(row.get("answer")),
+                source=name, prompt=conversation_prompt(row["messages"]) if "messages" in row else row["prompt"],
+                answer=_answer(row.get("answer")),
                 verifier=row.get("verifier"), category=row.get("category") or "", metadata=row.get("metadata") or {},
                 group=str(row["group"]) if row.get("group") is not None else None,
             )
