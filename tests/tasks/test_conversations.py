@@ -81,3 +81,14 @@ def test_the_tokenizer_renders_every_turn(tiny_model_dir):
     text = tok.apply_chat_template(chat_messages(conversation_prompt(TALK), "Be brief."), tokenize=False, add_generation_prompt=True)
     at = [text.index(s) for s in ("Be brief.", TALK[0]["content"], TALK[1]["content"], TALK[2]["content"])]
     assert at == sorted(at) and CONVERSATION_TAG not in text
+
+
+def test_a_dataset_directory_may_hold_conversations(tmp_path):
+    from selfdistill.config import DatasetDirSource
+
+    (tmp_path / "a.json").write_text(json.dumps([{"messages": TALK, "answer": "5", "topic": "fruit"},
+                                                 {"messages": TALK[:2], "answer": "5"}, {"prompt": "plain", "answer": "1"}]))
+    tasks, problems = load_source(DatasetDirSource(type="dataset_dir", path=tmp_path))
+    assert [conversation(t.prompt) for t in tasks] == [TALK, None]
+    assert tasks[0].metadata == {"topic": "fruit"}  # the turns are the prompt, not metadata
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'a.json'}[1]: ") and "end with a user turn" in problems[0]
