@@ -2,14 +2,16 @@
 
 - `jsonl`: one JSON object per line with `prompt` or `messages` (one of the two: a conversation,
   `[{"role": "user", "content": ...}, ...]`, whose last user turn the student answers; an optional
-  system turn first), `answer`, `verifier`, `category`, `metadata`, `group`. A bad line (not JSON, not an object, no prompt, a wrong type, an unknown field) is
-  reported as "FILE:LINE: what is wrong" in the `problems` list and skipped; the rest is read.
+  system turn first), `answer`, `verifier`, `category`, `metadata`, `group`. A bad line (not
+  JSON, not an object, no prompt, a bad conversation, a wrong type, an unknown field) is reported
+  as "FILE:LINE: what is wrong" in the `problems` list and skipped; the rest is read.
 - `reasoning_gym`: `size` items of a procedural dataset. Each task keeps in
   `metadata["reasoning_gym"]` what rebuilds its entry (dataset, config, seed, size, index), so the
   `reasoning_gym` verifier can call the dataset's own `score_answer` later. Unknown names fail
   with the closest known ones.
 - `dataset_dir`: every *.jsonl, *.json (a list of objects) and *.parquet file of a directory
-  (sorted by name), with configurable prompt and answer columns; other columns go to metadata.
+  (sorted by name), with configurable prompt and answer columns (or a `messages` column where the
+  prompt column is absent); other columns go to metadata.
 - `expansion`: yields nothing here; new tasks come from `selfdistill.tasks.expansion.expand_tasks`.
 
 `TaskIn.source` is "<type>:<name>": "jsonl:PATH", "reasoning_gym:chain_sum", "dataset_dir:PATH".
