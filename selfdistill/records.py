@@ -257,11 +257,11 @@ def conversation_problem(messages: Any) -> str | None:
             return f"messages[{i}]: role {m['role']!r} is not one of {', '.join(ROLES)}"
         if not isinstance(m["content"], str) or not m["content"].strip():
             return f"messages[{i}]: `content` must be a non-empty string"
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
-    for i, m in enumerate(turns, len(messages) - len(turns)):
-        want = "user" if (i - (len(messages) - len(turns))) % 2 == 0 else "assistant"
-        if m["role"] != want:
-            return f"messages[{i}] is a {m['role']} turn, expected {want} (an optional system turn first, then user and assistant alternating)"
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i in range(first, len(messages)):
+        want = "user" if (i - first) % 2 == 0 else "assistant"
+        if messages[i]["role"] != want:
+            return f"messages[{i}] is a {messages[i]['role']} turn, expected {want} (an optional system turn first, then user and assistant alternating)"
     if messages[-1]["role"] != "user":
         return "the conversation must end with a user turn: that is the turn the student answers"
     return None

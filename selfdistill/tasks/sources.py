@@ -164,17 +164,18 @@ def _iter_dataset_dir(cfg: DatasetDirSource, base_dir: Path | None, problems: li
             problems.append(f"{where}: expected an object, got {type(row).__name__}")
             continue
         prompt = row.get(cfg.prompt_field)
-        if prompt is None and "messages" in row:  # a conversation column, as in a JSONL task
-            problem = conversation_problem(row["messages"])
-            if problem:
-                problems.append(f"{where}: {problem}")
+        took_messages = prompt is None and "messages" in row  # a conversation column, as in a JSONL task
+        if took_messages:
+            try:
+                prompt = conversation_prompt(row["messages"])
+            except ValueError as e:  # conversation_prompt checks it: what is wrong, one line
+                problems.append(f"{where}: {e}")
                 continue
-            prompt = conversation_prompt(row["messages"])
         if not isinstance(prompt, str) or not prompt.strip():
             problems.append(f"{where}: missing or empty `{cfg.prompt_field}` (set prompt_field to the prompt column, or give `messages`)")
             continue
         answer = row.get(cfg.answer_field) if cfg.answer_field else None
-        used = (cfg.prompt_field, cfg.answer_field, "verifier", "category", "metadata") + (("messages",) if row.get(cfg.prompt_field) is None else ())
+        used = (cfg.prompt_field, cfg.answer_field, "verifier", "category", "metadata") + (("messages",) if took_messages else ())
         rest = {k: v for k, v in row.items() if k not in used}
         yield TaskIn(
             source=name, prompt=prompt, answer=_answer(answer), verifier=row.get("verifier"),
