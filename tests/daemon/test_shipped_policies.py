@@ -28,6 +28,9 @@ pytestmark = pytest.mark.slow
 
 POLICIES = sorted((ROOT / "policies").glob("*.toml"))
 TEACHER_POLICIES = {"teacher-openai.toml"}
+# The policies shipped today, by name: the glob must find each (a moved directory or a renamed file
+# would otherwise run none of them and pass); a new file is still picked up without being named.
+SHIPPED = {"cpu-demo.toml", "cpu-distill.toml", "gpu.toml", "gpu-teacher.toml", "jsonl-verifier.toml", "teacher-openai.toml"}
 README_COMMANDS_ON = "jsonl-verifier.toml"  # the README's command table runs on this one's state
 
 # What is changed in a shipped policy to run it here, and nothing else. Sizes shrink; the model
@@ -84,6 +87,10 @@ def shipped(path: Path, model_dir: Path, tmp: Path, teacher_url: str | None) -> 
     if "distill" in data.get("training", {}):
         data["training"]["distill"]["min_samples"] = 4  # a size: 6 tasks a round give fewer answers than a GPU policy's minimum
     return data
+
+
+def test_every_shipped_policy_is_found_and_run():
+    assert SHIPPED <= {p.name for p in POLICIES}, sorted(SHIPPED - {p.name for p in POLICIES})
 
 
 def _tz_inside(windows: list[dict]) -> str:
@@ -144,6 +151,11 @@ def test_shipped_policy_runs_its_own_settings(policy_file, tmp_path, tiny_model_
         log = (tmp_path / "state" / "cache" / "teacher-server" / "server.log").read_text()
         assert log.count("starting the teacher server") >= 2, log[-2000:]  # stopped before a training round, started again
         assert not (tmp_path / "state" / "cache" / "teacher-server" / "server.pid").exists()
+    if data["training"].get("algorithm", "").endswith("distill"):
+        # on-policy distillation (cpu-distill's in-process teacher, gpu-teacher's served one): the
+        # teacher scored the student's own tokens, and the stored figures name that teacher
+        rows = con.execute("SELECT count(*), count(DISTINCT teacher) FROM teacher_logprobs").fetchone()
+        assert rows[0] > 0 and rows[1] == 1, rows
     if teacher is not None:
         assert teacher.served, "the teacher was never asked"
         n_teacher = sum(con.execute(f"SELECT count(*) FROM {t} WHERE source LIKE 'teacher%'").fetchone()[0]
