@@ -263,8 +263,10 @@ def test_the_watchdog_is_fed_while_the_cycle_beats_and_withheld_when_it_is_wedge
 
 def test_an_interval_trigger_trains_when_it_fires_and_not_before(tmp_path, tiny_model_dir, daemon_factory):
     policy = tiny_policy(tmp_path, tiny_model_dir, engine="transformers", stopping="",
-                         extra="[schedule]\ntrain_interval_s = 12\ntrain_min_new_pairs = 0")  # loaded: 6 s passed in round 1; quiet: tasks run out at ~20 s
-    d = daemon_factory(policy, "--max-rounds", "1")
+                         extra="[schedule]\ntrain_interval_s = 12\ntrain_min_new_pairs = 0")
+    # each collect round sleeps 0.5 s at its start, so the 41-task pool cannot run out before the 12 s
+    # interval fires however fast the machine is (quiet CI once exhausted it in under 12 s and the test failed)
+    d = daemon_factory(policy, "--max-rounds", "1", env={"SELFDISTILL_TEST_DELAY": "sample:0.5"})
     assert d.wait(600) == 0, d.stderr_path.read_text()[-3000:]
     rounds = _rounds(policy)
     assert len(rounds) >= 2, rounds
