@@ -30,8 +30,11 @@ from selfdistill.errors import SelfdistillError
 
 def _policy(args: argparse.Namespace):
     from selfdistill.config import load_policy
+    from selfdistill.scoring.anchors import check_policy_anchors
 
-    return load_policy(args.policy)
+    policy = load_policy(args.policy)
+    check_policy_anchors(policy, args.policy)
+    return policy
 
 
 def _open_store(policy, readonly: bool = False):
@@ -55,6 +58,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             policy = load_policy(path)
             from selfdistill.gates import gate_can_pass
+            from selfdistill.scoring.anchors import check_policy_anchors
+
+            check_policy_anchors(policy, path)
 
             problems = gate_can_pass(policy)
             if problems:

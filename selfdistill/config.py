@@ -254,11 +254,16 @@ class JudgeConfig(_Model):
     enabled: bool = Field(False, description="Use this judge.")
     mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="Score each answer, or compare two (both orders).")
     max_tokens: int = Field(16, ge=1, description="Tokens the judge may write for a verdict.")
+    matches: Literal["neighbours", "all"] = Field(
+        "neighbours", description="Pairwise scoring: each answer meets one neighbour (k/2 matches a task), or every other answer "
+        "(k(k-1)/2); each match is asked in both orders and counts only when they agree; pairs are only matches won.")
     min_agreement: float = Field(0.6, ge=0, le=1, description="Judge health: least agreement with the reference on the anchor set.")
     max_position_bias: float = Field(0.3, ge=0, le=1, description="Judge health: most share of pairwise verdicts that flip with order.")
     min_distinct_scores: int = Field(2, ge=1, description="Judge health: fewer distinct scores than this is a collapse.")
     anchor_size: int = Field(32, ge=4, description="Anchor items used to check the judge.")
     recheck_every_rounds: int = Field(5, ge=1, description="Re-measure the judge's health every N rounds.")
+    anchors: Path | None = Field(None, description="JSONL of labelled answers the judge is measured on (README, 'Anchor files'); "
+                                 "the round's verifier-scored answers fill up to anchor_size. Needed where tasks have no verifier.")
 
 
 class ScoringConfig(_Model):
@@ -658,6 +663,9 @@ class Policy(_Model):
             self.training.accelerate_config = (base / self.training.accelerate_config).resolve()
         if self.student.base_model != BUNDLED_STUDENT and self.student.base_model.startswith((".", "/")):
             self.student.base_model = str((base / self.student.base_model).resolve())
+        for judge in (self.scoring.self_judge, self.scoring.teacher_judge):
+            if judge.anchors is not None and not judge.anchors.is_absolute():
+                judge.anchors = (base / judge.anchors).resolve()
         if self.teacher is not None and self.teacher.model and self.teacher.model.startswith("."):
             self.teacher.model = str((base / self.teacher.model).resolve())
         return self

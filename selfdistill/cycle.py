@@ -209,7 +209,7 @@ class Cycle:
         mine = [r for r in rounds if (r.finished_at or 0) >= self.run.started]  # finished in this run, resumed ones too
         trained = [r for r in rounds if r.decision in ("promote", "reject") and r.status != "running"]
         cur_eval = self.store.latest_evaluation(self.current_id(), "heldout")
-        regress = sum(1 for r in trained if (r.metrics or {}).get("gain", 0) < 0)
+        regress = sum(1 for r in trained if ((r.metrics or {}).get("gain") or 0) < 0)
         self._decided_this_run = sum(1 for r in mine if r.decided)
         return Progress(
             decided_rounds=sum(1 for r in rounds if r.decided),
@@ -426,6 +426,9 @@ class Cycle:
         judged, health, events = self.judge_scores(rid, tasks, gens, verdicts)
         score_rows += judged
         score_rows += self.reward_model_scores(tasks, [g for g in gens if g["id"] not in verdicts])
+        # a task neither a verifier nor a healthy judge scored is skipped (nothing is trained on it), and counted
+        scored = {r["generation_id"] for r in score_rows if r["score"] is not None}
+        unscored = len({g["task_id"] for g in gens} - {g["task_id"] for g in gens if g["id"] in scored})
         with self.store.transaction():
             for h in health:
                 self.store.add_judge_health(**h)
@@ -433,11 +436,11 @@ class Cycle:
                 self.store.event(**ev)
             self.store.add_scores(score_rows)
             self.store.update_task_stats({k: (int(v[0]), v[1]) for k, v in stats.items()})
-            self.store.record_phase(rid, "score", t0, {"scores": len(score_rows)}, "pair")
+            self.store.record_phase(rid, "score", t0, {"scores": len(score_rows), "unscored_tasks": unscored}, "pair")
         n_correct = sum(1 for r in score_rows if r.get("correct"))
         n_ver = sum(1 for r in score_rows if r["scorer"].startswith("verifier"))
         self.say(rid, "score", scores=len(score_rows), correct=f"{n_correct}/{n_ver}",
-                 pass_rate=round(n_correct / n_ver, 3) if n_ver else None)
+                 pass_rate=round(n_correct / n_ver, 3) if n_ver else None, **({"unscored_tasks": unscored} if unscored else {}))
 
     def reward_model_scores(self, tasks: dict[int, Task], gens: list[dict]) -> list[dict[str, Any]]:
         """Scores of the latest reward model for answers no verifier judged, where it is healthy
@@ -502,6 +505,7 @@ class Cycle:
         its last check is older than `recheck_every_rounds`; an unhealthy judge scores nothing.
         """
         from selfdistill.errors import EngineError
+        from selfdistill.scoring.anchors import AnchorFileError, load_anchors
         from selfdistill.scoring.feedback import anchor_check, judge_scores
 
         sc = self.policy.scoring
@@ -518,10 +522,12 @@ class Cycle:
                 adapter = self.serving.adapter_for(self.current_id()) if who == "self" else None
                 last = self.store.latest_judge_health(who)
                 if last is None or rid - (last["round_id"] or 0) >= cfg.recheck_every_rounds:
-                    h = anchor_check(engine, who, cfg, known, prompts, adapter, random.Random(rid))
+                    anchors = load_anchors(cfg.anchors) if cfg.anchors is not None else None
+                    h = anchor_check(engine, who, cfg, known, prompts, adapter, random.Random(rid), anchors)
                     health.append({"judge": who, "healthy": h.healthy, "agreement": h.agreement, "position_bias": h.position_bias,
                                    "distinct_scores": h.distinct_scores,
-                                   "details": {"reasons": h.reasons, "n": h.n, "unparseable": h.unparseable}, "round_id": rid})
+                                   "details": {"reasons": h.reasons, "n": h.n, "unparseable": h.unparseable, "anchors": h.anchors},
+                                   "round_id": rid})
                     level = logging.INFO if h.healthy else logging.WARNING
                     log("judge checked", level, round=rid, judge=who, healthy=h.healthy, agreement=h.agreement,
                         position_bias=h.position_bias, reasons=h.reasons)
@@ -533,7 +539,7 @@ class Cycle:
                     healthy = bool(last["healthy"])
                 if healthy:
                     rows += judge_scores(engine, who, cfg, gens, prompts, adapter)
-            except EngineError as e:
+            except (EngineError, AnchorFileError) as e:  # a server down, or an anchor file broken since the start
                 log("judge unavailable", logging.WARNING, round=rid, judge=who, error=str(e))
                 events.append({"kind": "teacher_unavailable" if who == "teacher" else "judge_unavailable",
                                "message": f"{who} judge skipped this round: {e}", "level": "warning", "round_id": rid})
@@ -820,14 +826,16 @@ class Cycle:
         return {"heldout": self.store.latest_evaluation(ckpt_id, "heldout", ids), "anchors": self.store.latest_evaluation(ckpt_id, "anchors")}
 
     def _measure(self, ckpt_id: str, adapter: str | None, suite: str, tasks: list[Task], round_id: int | None) -> None:
-        """Greedy answers of one checkpoint to `tasks`, verified and stored as evaluation `suite`."""
+        """Greedy answers of one checkpoint to `tasks`, verified and stored as evaluation `suite`;
+        a task no verifier can check is stored unverified (its answer is what the pairwise judge
+        compares; the gate then needs one: gates.decide)."""
         from selfdistill.evaluation import evaluate_heldout
         from selfdistill.scoring.verifiers import resolve_verifier
 
         def verify(text: str, task: Task):
             v = resolve_verifier(task, self.policy.tasks.default_verifier, self.policy.scoring, (str(self.state_dir),))
             if v is None:
-                raise SelfdistillError(f"{suite} task {task.id} has no verifier: give it an answer or a verifier, or set tasks.default_verifier")
+                return None, None
             r = v(text, task)
             return r.score, r.correct
 

@@ -78,7 +78,11 @@ class Daemon:
         """Re-read the policy; the new one is swapped in at the next round boundary, with every
         key that needs a restart kept at its running value and named with its reason."""
         try:
-            plan = reload_plan(self.policy, load_policy(self.policy_path))
+            new = load_policy(self.policy_path)
+            from selfdistill.scoring.anchors import check_policy_anchors
+
+            check_policy_anchors(new, str(self.policy_path))
+            plan = reload_plan(self.policy, new)
         except PolicyError as e:
             log("reload refused: the policy file is invalid; the old policy keeps running", logging.ERROR, error=str(e))
             self._event("reload_refused", f"invalid policy: {e}", "error")

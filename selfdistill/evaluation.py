@@ -26,7 +26,8 @@ from selfdistill.errors import EngineError
 from selfdistill.gates import EvalMetrics, SanityStats
 from selfdistill.records import Evaluation, Task
 
-Verify = Callable[[str, Task], tuple[float, bool]]  # (answer text, task) -> (score, correct)
+# (answer text, task) -> (score, correct); (None, None) for a task no verifier can check (a pairwise judge measures those)
+Verify = Callable[[str, Task], tuple[float | None, bool | None]]
 PromptBuilder = Callable[[Task], Prompt]
 Judge = Callable[[Prompt, str, str], float]  # (prompt, first, second) -> P(first is better); 0.5 = tie
 
@@ -34,8 +35,8 @@ Judge = Callable[[Prompt, str, str], float]  # (prompt, first, second) -> P(firs
 @dataclass
 class EvalItem:
     task_id: int
-    correct: bool
-    score: float
+    correct: bool | None  # None: the task has no verifier (its answer is kept for the pairwise judge)
+    score: float | None
     text: str
     tokens: int
 
@@ -49,7 +50,8 @@ class EvalResult:
     def to_metrics(self, anchor_nll: float | None = None, win_rate: float | None = None) -> EvalMetrics:
         """The gate's view of this evaluation."""
         return EvalMetrics(
-            correct={it.task_id: it.correct for it in self.items},
+            correct={it.task_id: it.correct for it in self.items if it.correct is not None},
+            unverified=sum(it.correct is None for it in self.items),
             categories=dict(self.categories),
             sanity=SanityStats(
                 empty_fraction=self.metrics["empty_fraction"],
@@ -81,7 +83,8 @@ def evaluate_heldout(
     items = []
     for task, (comp,) in zip(tasks, outs):
         score, correct = verify(comp.text, task)
-        items.append(EvalItem(task.id, bool(correct), float(score), comp.text, comp.completion_tokens))
+        items.append(EvalItem(task.id, None if correct is None else bool(correct), None if score is None else float(score),
+                              comp.text, comp.completion_tokens))
     categories = {t.id: t.category for t in tasks}
     return EvalResult(items=items, categories=categories, metrics=_metrics(items, categories))
 
@@ -91,7 +94,8 @@ def gate_input(heldout: Evaluation, anchors: Evaluation | None, categories: dict
     (`metrics` and `items` as `evaluate_heldout` made them) and anchor evaluation."""
     m = heldout.metrics
     return EvalMetrics(
-        correct={it["task_id"]: bool(it["correct"]) for it in heldout.items},
+        correct={it["task_id"]: bool(it["correct"]) for it in heldout.items if it["correct"] is not None},
+        unverified=sum(it["correct"] is None for it in heldout.items),
         sanity=SanityStats(empty_fraction=m["empty_fraction"], repetition=m["repetition"], mean_length=m["mean_length"]),
         categories=categories,
         anchor_nll=anchors.metrics["nll"] if anchors else None,
@@ -100,9 +104,16 @@ def gate_input(heldout: Evaluation, anchors: Evaluation | None, categories: dict
 
 def _metrics(items: list[EvalItem], categories: dict[int, str]) -> dict[str, Any]:
     def acc(group: list[EvalItem]) -> dict[str, Any]:
-        k = sum(it.correct for it in group)
-        lo, hi = stats.wilson_interval(k, len(group))
-        return {"n": len(group), "accuracy": k / len(group), "ci_low": lo, "ci_high": hi}
+        """Accuracy over the verified items (None where none is); `unverified` counts the rest."""
+        checked = [it for it in group if it.correct is not None]
+        out: dict[str, Any] = {"n": len(checked), "accuracy": None, "ci_low": None, "ci_high": None}
+        if checked:
+            k = sum(bool(it.correct) for it in checked)
+            lo, hi = stats.wilson_interval(k, len(checked))
+            out.update(accuracy=k / len(checked), ci_low=lo, ci_high=hi)
+        if len(checked) < len(group):
+            out["unverified"] = len(group) - len(checked)
+        return out
 
     by_cat: dict[str, list[EvalItem]] = {}
     for it in items:

@@ -22,7 +22,7 @@ Pure: standard library and selfdistill.stats only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 from selfdistill import stats
 
@@ -55,6 +55,7 @@ class EvalMetrics:
     anchor_nll: float | None = None
     win_rate: float | None = None
     win_rate_problem: str | None = None  # why the judge behind win_rate is not trusted: the rule then fails
+    unverified: int = 0  # held-out items no verifier can check (not in `correct`; the pairwise judge measures them)
 
     @property
     def accuracy(self) -> float:
@@ -84,63 +85,26 @@ def decide(
             f"candidate and incumbent were evaluated on different items ({only_c} only in the "
             f"candidate, {only_i} only in the incumbent): evaluate both on the same held-out tasks"
         )
-    if not ids:
+    if not ids and not candidate.unverified:
         raise ValueError("no held-out items were evaluated: the gate needs at least one")
-    cand = [bool(candidate.correct[t]) for t in ids]
-    inc = [bool(incumbent.correct[t]) for t in ids]
-    n = len(ids)
-    wins, losses = stats.discordant(cand, inc)
-    gain = (wins - losses) / n
-    _, ci_low, ci_high, boot_p = stats.paired_bootstrap(
-        cand, inc, samples=cfg.bootstrap_samples, seed=BOOTSTRAP_SEED, confidence=REPORT_CONFIDENCE
-    )
-    p_value = {"mcnemar": stats.mcnemar_one_sided(wins, losses), "bootstrap": boot_p, "none": None}[cfg.test]
-
     passed: list[str] = []
     failed: list[str] = []
 
     def rule(ok: bool, text: str) -> None:
         (passed if ok else failed).append(text)
 
-    numbers: dict[str, Any] = {
-        "n": n,
-        "accuracy_candidate": sum(cand) / n,
-        "accuracy_incumbent": sum(inc) / n,
-        "ci_candidate": list(stats.wilson_interval(sum(cand), n, REPORT_CONFIDENCE)),
-        "ci_incumbent": list(stats.wilson_interval(sum(inc), n, REPORT_CONFIDENCE)),
-        "gain": gain,
-        "gain_ci": [ci_low, ci_high],
-        "wins": wins,
-        "losses": losses,
-        "test": cfg.test,
-        "p_value": p_value,
-    }
-
-    rule(gain >= cfg.min_gain, f"accuracy gain {gain:+.4f} (95% CI {ci_low:+.4f}..{ci_high:+.4f}, "
-         f"{numbers['accuracy_incumbent']:.4f} -> {numbers['accuracy_candidate']:.4f} on {n} items) "
-         f"{'>=' if gain >= cfg.min_gain else '<'} min_gain {cfg.min_gain:+.4f}")
-    if p_value is not None:
-        rule(p_value <= cfg.alpha, f"{cfg.test} p = {p_value:.4g} ({wins} wins, {losses} losses) "
-             f"{'<=' if p_value <= cfg.alpha else '>'} alpha {cfg.alpha:g}")
-
-    # categories
-    by_cat: dict[str, list[int]] = {}
-    for k, t in enumerate(ids):
-        by_cat.setdefault(candidate.categories.get(t, ""), []).append(k)
-    cat_numbers = {}
-    for cat, idx in sorted(by_cat.items()):
-        c_acc = sum(cand[k] for k in idx) / len(idx)
-        i_acc = sum(inc[k] for k in idx) / len(idx)
-        # One category is the whole item set, which the gain rule already judged.
-        checked = len(by_cat) > 1 and len(idx) >= cfg.min_category_items
-        cat_numbers[cat] = {"n": len(idx), "candidate": c_acc, "incumbent": i_acc,
-                            "delta": c_acc - i_acc, "checked": checked}
-        if checked:
-            ok = c_acc - i_acc >= -cfg.max_category_regression
-            rule(ok, f"category {cat or '(none)'!r} {i_acc:.4f} -> {c_acc:.4f} ({c_acc - i_acc:+.4f} on "
-                 f"{len(idx)} items) {'within' if ok else 'regresses more than'} "
-                 f"max_category_regression {cfg.max_category_regression:g}")
-    numbers["categories"] = cat_numbers
+    numbers: dict[str, Any] = {"n": len(ids), "unverified": candidate.unverified}
+    if ids:
+        numbers.update(_accuracy_rules(candidate, incumbent, ids, cfg, rule))
+    else:
+        # every held-out item lacks a verifier: only the pairwise judge can say which model is better
+        numbers.update(accuracy_candidate=None, accuracy_incumbent=None, gain=None, test=cfg.test, p_value=None, categories={})
+        if candidate.win_rate is None:
+            rule(False, f"none of the {candidate.unverified} held-out items has a verifier and no pairwise judge measured the "
+                 "candidate: set evaluation.pairwise_judge (with a healthy judge), or give held-out tasks an answer or a verifier")
+        else:
+            rule(True, f"accuracy not measured: none of the {candidate.unverified} held-out items has a verifier "
+                 "(the pairwise win rate decides)")
 
     # forgetting guard
     numbers["anchor_nll_candidate"] = candidate.anchor_nll
@@ -184,6 +148,55 @@ def decide(
 
     promote = not failed
     return GateDecision(promote=promote, reasons=passed if promote else failed, numbers=numbers)
+
+
+def _accuracy_rules(candidate: EvalMetrics, incumbent: EvalMetrics, ids: list, cfg, rule: Callable[[bool, str], None]) -> dict[str, Any]:
+    """The accuracy gain, significance and per-category rules on the verified held-out items."""
+    cand = [bool(candidate.correct[t]) for t in ids]
+    inc = [bool(incumbent.correct[t]) for t in ids]
+    n = len(ids)
+    wins, losses = stats.discordant(cand, inc)
+    gain = (wins - losses) / n
+    _, ci_low, ci_high, boot_p = stats.paired_bootstrap(
+        cand, inc, samples=cfg.bootstrap_samples, seed=BOOTSTRAP_SEED, confidence=REPORT_CONFIDENCE
+    )
+    p_value = {"mcnemar": stats.mcnemar_one_sided(wins, losses), "bootstrap": boot_p, "none": None}[cfg.test]
+    numbers: dict[str, Any] = {
+        "accuracy_candidate": sum(cand) / n,
+        "accuracy_incumbent": sum(inc) / n,
+        "ci_candidate": list(stats.wilson_interval(sum(cand), n, REPORT_CONFIDENCE)),
+        "ci_incumbent": list(stats.wilson_interval(sum(inc), n, REPORT_CONFIDENCE)),
+        "gain": gain,
+        "gain_ci": [ci_low, ci_high],
+        "wins": wins,
+        "losses": losses,
+        "test": cfg.test,
+        "p_value": p_value,
+    }
+    rule(gain >= cfg.min_gain, f"accuracy gain {gain:+.4f} (95% CI {ci_low:+.4f}..{ci_high:+.4f}, "
+         f"{numbers['accuracy_incumbent']:.4f} -> {numbers['accuracy_candidate']:.4f} on {n} items) "
+         f"{'>=' if gain >= cfg.min_gain else '<'} min_gain {cfg.min_gain:+.4f}")
+    if p_value is not None:
+        rule(p_value <= cfg.alpha, f"{cfg.test} p = {p_value:.4g} ({wins} wins, {losses} losses) "
+             f"{'<=' if p_value <= cfg.alpha else '>'} alpha {cfg.alpha:g}")
+    by_cat: dict[str, list[int]] = {}
+    for k, t in enumerate(ids):
+        by_cat.setdefault(candidate.categories.get(t, ""), []).append(k)
+    cat_numbers = {}
+    for cat, idx in sorted(by_cat.items()):
+        c_acc = sum(cand[k] for k in idx) / len(idx)
+        i_acc = sum(inc[k] for k in idx) / len(idx)
+        # One category is the whole item set, which the gain rule already judged.
+        checked = len(by_cat) > 1 and len(idx) >= cfg.min_category_items
+        cat_numbers[cat] = {"n": len(idx), "candidate": c_acc, "incumbent": i_acc,
+                            "delta": c_acc - i_acc, "checked": checked}
+        if checked:
+            ok = c_acc - i_acc >= -cfg.max_category_regression
+            rule(ok, f"category {cat or '(none)'!r} {i_acc:.4f} -> {c_acc:.4f} ({c_acc - i_acc:+.4f} on "
+                 f"{len(idx)} items) {'within' if ok else 'regresses more than'} "
+                 f"max_category_regression {cfg.max_category_regression:g}")
+    numbers["categories"] = cat_numbers
+    return numbers
 
 
 def gate_can_pass(policy) -> list[str]:

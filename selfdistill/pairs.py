@@ -15,7 +15,8 @@
   groups whose rewards are all equal (they carry no signal), and counts both.
 - `similarity(a, b)` is the ROUGE-L F-measure over whitespace tokens; task expansion uses it too.
 
-Scores are in [0, 1] (a judge's 1-10 is mapped by the caller: (s - 1) / 9). Candidates are only
+Scores are in [0, 1] (a judge's 1-10 is mapped by the caller: (s - 1) / 9; a pairwise judge's is
+the answer's share of won matches, and its pairs are only matches the chosen side won). Candidates are only
 compared with candidates scored by the same source: a verifier's 0.0 and a judge's 0.3 do not
 share a scale. `prompts[task_id]` is the prompt exactly as the student was asked (suffix included).
 
@@ -90,11 +91,12 @@ def candidate_from(
     judge_source: str = "self",
     generation_id: int | None = None,
     tokens: int = 0,
+    beat: tuple[int, ...] | None = None,
 ) -> Candidate:
     """One candidate from whatever signals exist; a verifier verdict always outranks a judge's."""
     if verifier_score is not None:
         return Candidate(task_id, text, verifier_score, verifier_correct, "verifier", generation_id, tokens)
-    return Candidate(task_id, text, judge_score, None, judge_source, generation_id, tokens)
+    return Candidate(task_id, text, judge_score, None, judge_source, generation_id, tokens, beat)
 
 
 def candidates_from_scores(scores: Iterable[dict], ignore_sources: set[str] = frozenset()) -> dict[int, list[Candidate]]:
@@ -112,14 +114,15 @@ def candidates_from_scores(scores: Iterable[dict], ignore_sources: set[str] = fr
         if source == "verifier":
             sig["verifier"] = (s_["score"], None if s_["correct"] is None else bool(s_["correct"]))
         elif s_["score"] is not None and ("judge" not in sig or _rank(source) < _rank(sig["judge"][1])):
-            sig["judge"] = (s_["score"], source)
+            beat = (s_.get("details") or {}).get("beat") if s_["scorer"].endswith(":pairwise") else None
+            sig["judge"] = (s_["score"], source, None if beat is None else tuple(beat))
     by_task: dict[int, list[Candidate]] = {}
     for gid, sig in signals.items():
         row = sig["row"]
         v_score, v_correct = sig.get("verifier", (None, None))
-        j_score, j_source = sig.get("judge", (None, "self"))
+        j_score, j_source, beat = sig.get("judge", (None, "self", None))
         c = candidate_from(row["task_id"], row["text"], verifier_score=v_score, verifier_correct=v_correct,
-                           judge_score=j_score, judge_source=j_source, generation_id=gid, tokens=row["completion_tokens"])
+                           judge_score=j_score, judge_source=j_source, generation_id=gid, tokens=row["completion_tokens"], beat=beat)
         by_task.setdefault(c.task_id, []).append(c)
     return by_task
 
@@ -162,6 +165,10 @@ def _pairs_for_task(cands: list[Candidate], cfg: PairsConfig) -> list[tuple[Cand
             options = [(g, b) for g in cands if g.score == hi for b in cands if b.score == lo and g is not b]
     else:  # all_above_margin
         options = [(g, b) for g in cands for b in cands if g.score - b.score >= cfg.min_margin and g is not b]
+    if any(c.beat is not None for c in cands):
+        # a pairwise judge's win shares come from separate matches: a pair is only a match the
+        # chosen side won, never the winner of one match against the loser of another
+        options = [(g, b) for g, b in options if b.generation_id in (g.beat or ())]
     if cfg.length_match:
         options = [
             (g, b) for g, b in options

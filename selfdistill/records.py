@@ -95,6 +95,9 @@ class Candidate:
     source: str = "verifier"  # verifier, teacher, self
     generation_id: int | None = None
     tokens: int = 0
+    # a pairwise judge's: the generation ids this answer beat in a match of its own (both orders
+    # agreeing); None where the score is not a pairwise judge's. Its pairs are those matches only.
+    beat: tuple[int, ...] | None = None
 
 
 @dataclass

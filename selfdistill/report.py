@@ -153,6 +153,8 @@ def write_report(policy, out: Path | None = None) -> Path:
         if not ev:
             return "-"
         m = ev["metrics"]
+        if m["accuracy"] is None:
+            return f"not measured (none of its {m.get('unverified', 0)} items has a verifier)"
         return f"{m['accuracy']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}] on {m['n']} items"
 
     rows = "".join(
@@ -225,14 +227,14 @@ def summary_rows(store: Store) -> list[dict[str, Any]]:
     base = store.latest_evaluation("base", "heldout")
     if base:
         rows.append(with_audit({"checkpoint": "base", "round": "-", **{k: base["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")}}))
-    base_items = {i["task_id"]: bool(i["correct"]) for i in base["items"]} if base else {}
+    base_items = {i["task_id"]: bool(i["correct"]) for i in base["items"] if i["correct"] is not None} if base else {}
     for r in store.rounds():
         if r["decision"] == "promote":
             ev = store.latest_evaluation(r["candidate_id"], "heldout")
             if ev:
                 row = {"checkpoint": r["candidate_id"], "round": r["id"], **{k: ev["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")},
                        "p_value": r["metrics"].get("p_value")}
-                mine = {i["task_id"]: bool(i["correct"]) for i in ev["items"]}
+                mine = {i["task_id"]: bool(i["correct"]) for i in ev["items"] if i["correct"] is not None}
                 if base_items and set(mine) == set(base_items):
                     ids = sorted(mine)
                     wins, losses = stats.discordant([mine[i] for i in ids], [base_items[i] for i in ids])
@@ -250,13 +252,14 @@ def print_summary(policy, store: Store) -> None:
     head = f"{'audit acc':>9} {'95% CI':>17} {'n':>4}  " if audit else ""
     print(f"{'checkpoint':14} {'round':>5} {head}{'held-out acc':>12} {'95% CI':>17} {'n':>5} {'p vs prev':>9} {'gain vs base':>12} {'p vs base':>9}")
     for r in rows:
-        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r["accuracy"] is not None else "(no verifier)"
         gain = f"{r['gain_vs_base']:+.3f}" if "gain_vs_base" in r else "-"
         a = r.get("audit")
         cell = ""
         if audit:
-            cell = f"{a['accuracy']:9.3f} {'[%.3f, %.3f]' % (a['ci_low'], a['ci_high']):>17} {a['n']:4}  " if a else f"{'-':>9} {'':>17} {'':>4}  "
-        print(f"{r['checkpoint']:14} {str(r['round']):>5} {cell}{r['accuracy']:12.3f} {ci:>17} {r['n']:5} "
+            cell = (f"{a['accuracy']:9.3f} {'[%.3f, %.3f]' % (a['ci_low'], a['ci_high']):>17} {a['n']:4}  " if a and a["accuracy"] is not None
+                    else f"{'-':>9} {'':>17} {'':>4}  ")
+        print(f"{r['checkpoint']:14} {str(r['round']):>5} {cell}{_f(r['accuracy']):>12} {ci:>17} {r['n']:5} "
               f"{_p(r.get('p_value')):>9} {gain:>12} {_p(r.get('p_vs_base')):>9}")
     totals: dict[str, float] = {}
     for p in store.phases():

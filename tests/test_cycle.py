@@ -618,3 +618,56 @@ def test_a_conversation_task_is_asked_trained_and_evaluated_as_its_turns(make_cy
     rows = list(data.sft) + list(data.pairs)
     assert rows and all(conversation(r.prompt)[-1]["content"].endswith(" Number only.") for r in rows)
     assert cyc.store.latest_evaluation(rnd.candidate_id, "heldout") is not None
+
+
+def test_a_judge_calibrated_on_an_anchor_file_trains_verifier_less_tasks_and_one_that_fails_adds_nothing(make_cycle, monkeypatch, tmp_path):
+    """Tasks with no verifier at all (no answer, default_verifier auto). The teacher judge (a real
+    server on loopback, scripted to call an answer with a digit good) agrees with the anchor file
+    and scores every answer; the tiny student, asked to judge itself on the same file, answers
+    garbage, fails its check and contributes no row. The teacher's scores make the pairs and SFT
+    rows a round trains on, the held-out items (no verifier either) are compared by the pairwise
+    judge alone, and the candidate is promoted on its win rate."""
+    tasks = tmp_path / "open.jsonl"  # open-ended: nothing can check an answer but a judge
+    tasks.write_text("".join(json.dumps({"prompt": f"Item {i}?"}) + "\n" for i in range(40)))
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": f"Item {i}?", "answer": a, "verdict": v}  # short: the tiny model's context (512) must hold the judge's prompt
+        for i in range(100, 104) for a, v in ((f"{i % 7} parts", True), ("nice", False))]))
+    judge = {"enabled": True, "anchors": str(anchors), "anchor_size": 8, "min_agreement": 0.75}
+    with _fake_teacher(monkeypatch, "ok") as teacher:
+        cyc = make_cycle(_pairwise_policy(teacher.base_url, 0.5), {
+            "tasks": {"per_round": 12, "default_verifier": "auto", "sources": [{"type": "jsonl", "path": str(tasks)}]},
+            "engine": {"max_model_len": 1024}, "generation": {"temperature": 1.0},
+            "pairs": {"strategy": "best_vs_worst", "sft_from": "top"},
+            "scoring": {"teacher_judge": judge, "self_judge": judge}})
+        rnd = cyc.run_round()
+    health = {h["judge"]: h for h in cyc.store.query("SELECT * FROM judge_health")}
+    assert health["teacher"]["healthy"] and health["teacher"]["agreement"] == 1.0, health
+    assert "self" in health and not health["self"]["healthy"], (health, [e["message"] for e in cyc.store.events()])
+    for h in health.values():  # measured on the file alone: this round has no verifier verdict
+        details = json.loads(h["details"])
+        assert details["anchors"]["file_items"] == 8 and details["anchors"]["verifier_items"] == 0, details
+        assert details["anchors"]["file"] == str(anchors) and len(details["anchors"]["sha256"]) == 64
+    score_phase = cyc.store.query("SELECT counts FROM phases WHERE round_id = ? AND phase = 'score'", (rnd.id,))[0]
+    assert json.loads(score_phase["counts"])["unscored_tasks"] == 0  # the teacher scored every task
+    from selfdistill.store import canned_queries
+
+    shown = cyc.store.query(canned_queries()["judge_health"])  # what an operator's canned query shows
+    assert {(r["judge"], r["healthy"], r["from_file"], r["from_verifier"], r["anchor_file"]) for r in shown} == {
+        ("teacher", 1, 8, 0, str(anchors)), ("self", 0, 8, 0, str(anchors))}, shown
+    scorers = {s_["scorer"] for s_ in cyc.store.scores_for_round(rnd.id)}
+    assert scorers == {"teacher:pointwise"}, scorers  # no verifier row, no row of the judge that failed
+    pairs = cyc.store.query("SELECT count(*) AS n FROM pairs WHERE round_id = ?", (rnd.id,))[0]["n"]
+    sft = cyc.store.query("SELECT count(*) AS n FROM sft_examples WHERE round_id = ?", (rnd.id,))[0]["n"]
+    assert pairs > 0 and sft > 0, (pairs, sft, rnd.reasons)
+    m = cyc.store.get_round(rnd.id).metrics
+    assert m["candidate_accuracy"] is None and m["pairwise"]["trusted"], m
+    assert rnd.decision == "promote", rnd.reasons
+    assert any("none of the" in r and "has a verifier (the pairwise win rate decides)" in r for r in rnd.reasons), rnd.reasons
+    # without the teacher, no scorer is left that may score these tasks: they are skipped and counted
+    _policy_with(cyc, scoring={"teacher_judge": {"enabled": False}}, evaluation={"pairwise_judge": "self"}, **COLLECT)
+    r2 = cyc.run_round()
+    counts = json.loads(cyc.store.query("SELECT counts FROM phases WHERE round_id = ? AND phase = 'score'", (r2.id,))[0]["counts"])
+    train2 = [t for t in cyc.store.round_tasks(r2.id) if t.split == "train"]
+    assert counts == {"scores": 0, "unscored_tasks": len(train2)} and train2, counts
+    assert cyc.store.query("SELECT count(*) AS n FROM pairs WHERE round_id = ?", (r2.id,))[0]["n"] == 0

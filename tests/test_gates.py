@@ -230,3 +230,23 @@ def test_an_untrusted_pairwise_judge_fails_the_gate_whatever_its_win_rate():
     d = decide(m, metrics(inc), GateConfig())
     assert not d.promote
     assert "pairwise win rate 0.9000 not trusted: pairwise judge 'teacher' followed" in failed_text(d)
+
+
+@pytest.mark.parametrize("win, promote", [(None, False), (0.7, True), (0.4, False)])
+def test_held_out_items_without_a_verifier_are_decided_by_the_pairwise_judge_alone(win, promote):
+    """Verifier-less tasks (open-ended answers): no accuracy to compare, so the pairwise win rate
+    decides, and without a pairwise judge nothing measures the candidate: it is rejected, saying so."""
+    unverified = lambda w=None: EvalMetrics(correct={}, sanity=SANE, anchor_nll=1.0, win_rate=w, unverified=30)  # noqa: E731
+    d = decide(unverified(win), unverified(), GateConfig(test="mcnemar", min_gain=0.05))
+    assert d.promote is promote, d.reasons
+    assert d.numbers["n"] == 0 and d.numbers["unverified"] == 30 and d.numbers["gain"] is None
+    if win is None:
+        assert "none of the 30 held-out items has a verifier and no pairwise judge measured the candidate" in failed_text(d)
+    elif promote:
+        assert "accuracy not measured: none of the 30 held-out items has a verifier (the pairwise win rate decides)" in d.reasons
+        assert "pairwise win rate 0.7000 >= min_win_rate 0.5" in d.reasons
+    # where some items have a verifier, the accuracy rules apply to those, as ever
+    cand, inc = pair(40, 10, 0, 10)
+    mixed = decide(EvalMetrics(correct=dict(enumerate(cand)), sanity=SANE, anchor_nll=1.0, win_rate=0.9, unverified=30),
+                   metrics(inc), GateConfig())
+    assert not mixed.promote and "accuracy gain -0.2500" in failed_text(mixed)

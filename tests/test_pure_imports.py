@@ -5,7 +5,8 @@ import sys
 
 PURE = ["selfdistill.config", "selfdistill.records", "selfdistill.schedule", "selfdistill.checkpoints", "selfdistill.service",
         "selfdistill.pairs", "selfdistill.gates", "selfdistill.stats",
-        "selfdistill.stopping", "selfdistill.tasks.curriculum", "selfdistill.scoring.health", "selfdistill.scoring.overlap", "selfdistill.errors",
+        "selfdistill.stopping", "selfdistill.tasks.curriculum", "selfdistill.scoring.health", "selfdistill.scoring.overlap", "selfdistill.scoring.anchors",
+        "selfdistill.errors",
         "selfdistill.engines", "selfdistill.cli"]
 HEAVY = ["torch", "vllm", "transformers", "peft", "trl", "sqlite_utils", "apscheduler", "datasets", "numpy"]
 

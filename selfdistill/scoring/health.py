@@ -48,6 +48,7 @@ class JudgeHealth:
     unparseable: float
     n: int
     reasons: list[str] = field(default_factory=list)
+    anchors: dict = field(default_factory=dict)  # where the anchor items came from (feedback.anchor_check fills it)
 
 
 def judge_health(verdicts: list[AnchorVerdict], cfg: JudgeConfig) -> JudgeHealth:

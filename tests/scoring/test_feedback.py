@@ -67,3 +67,41 @@ def test_no_anchor_means_not_healthy():
     h = anchor_check(Scripted(lambda a: "Score: 5"), "self", JudgeConfig(enabled=True), [dict(g, correct=None) for g in GENS],
                      PROMPTS, None, random.Random(0))
     assert not h.healthy and h.n == 0
+
+
+def test_pairwise_scores_pair_only_the_two_answers_of_one_match():
+    """Self-Rewarding's pitfall: win/loss scores from separate matches must not pair the winner of
+    one match with the loser of another. Four answers of one task, a judge preferring the longer
+    (both orders agree), and one position-following match that counts for nothing."""
+    from selfdistill.config import PairsConfig
+    from selfdistill.pairs import build_pairs, candidates_from_scores
+
+    texts = ["a b c d", "a", "a b c", "a b"]  # quality by length: 0 > 2 > 3 > 1
+    gens = [{"id": 10 + i, "task_id": 0, "text": t, "completion_tokens": len(t.split())} for i, t in enumerate(texts)]
+    longer = Scripted(lambda ans: "Verdict: A" if len(ans[0]) > len(ans[1]) else "Verdict: B")
+
+    def pairs_of(rows, strategy="best_vs_worst"):
+        by_task = candidates_from_scores([dict(r, task_id=0, text=g["text"], completion_tokens=g["completion_tokens"])
+                                          for r in rows for g in gens if g["id"] == r["generation_id"]])
+        cfg = PairsConfig(strategy=strategy, min_margin=0.1, near_duplicate_threshold=1.0, max_pairs_per_task=10)
+        return {(p.chosen_gen_id, p.rejected_gen_id) for p in build_pairs(by_task, {0: "q"}, cfg)}
+
+    # neighbours: (10 vs 11), (12 vs 13); scores 1, 0, 1, 0 -- best vs worst would cross matches
+    rows = judge_scores(longer, "teacher", JudgeConfig(enabled=True, mode="pairwise"), gens, {0: "q"}, None)
+    assert [(r["generation_id"], r["score"], r["details"]["beat"]) for r in rows] == [(10, 1.0, [11]), (11, 0.0, []), (12, 1.0, [13]), (13, 0.0, [])]
+    assert pairs_of(rows) == {(10, 11), (12, 13)}  # never (10, 13) or (12, 11)
+    # every two meet: win shares 1, 0, 2/3, 1/3; best vs worst met, and every won match is a pair
+    cfg_all = JudgeConfig(enabled=True, mode="pairwise", matches="all")
+    rows = judge_scores(longer, "teacher", cfg_all, gens, {0: "q"}, None)
+    assert {r["generation_id"]: round(r["score"], 3) for r in rows} == {10: 1.0, 11: 0.0, 12: 0.667, 13: 0.333}
+    assert pairs_of(rows) == {(10, 11)}
+    assert pairs_of(rows, "all_above_margin") == {(10, 11), (10, 12), (10, 13), (12, 11), (12, 13), (13, 11)}
+
+    # a match whose two orders disagree is no evidence: 10 vs 11 always answered "A" (position)
+    def biased_on_first(ans):
+        return "Verdict: A" if {ans[0], ans[1]} == {"a b c d", "a"} else longer.rule(ans)
+
+    rows = judge_scores(Scripted(biased_on_first), "teacher", cfg_all, gens, {0: "q"}, None)
+    by_id = {r["generation_id"]: r for r in rows}
+    assert by_id[10]["details"]["position_biased"] == 1 and by_id[10]["details"]["beat"] == [12, 13]
+    assert (10, 11) not in pairs_of(rows, "all_above_margin") and (10, 13) in pairs_of(rows, "all_above_margin")
