@@ -254,6 +254,8 @@ class JudgeConfig(_Model):
     enabled: bool = Field(False, description="Use this judge.")
     mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="Score each answer, or compare two (both orders).")
     max_tokens: int = Field(16, ge=1, description="Tokens the judge may write for a verdict.")
+    reason_first: bool = Field(False, description="The judge writes its reasons before the verdict line (then give it "
+                               "max_tokens for them, 128 or more); otherwise it answers with the verdict line alone.")
     matches: Literal["neighbours", "all"] = Field(
         "neighbours", description="Pairwise scoring: each answer meets one neighbour (k/2 matches a task), or every other answer "
         "(k(k-1)/2); each match is asked in both orders and counts only when they agree; pairs are only matches won.")
@@ -631,6 +633,10 @@ class Policy(_Model):
         if share is not None and self.engine.kind == "vllm" and share + self.engine.gpu_memory_utilization > 0.95:
             problems.append(f"teacher.serve.gpu_memory_utilization {share:g} + engine.gpu_memory_utilization "
                             f"{self.engine.gpu_memory_utilization:g} > 0.95: the teacher and the student cannot both fit one GPU; lower one")
+        for who, judge in (("self_judge", self.scoring.self_judge), ("teacher_judge", self.scoring.teacher_judge)):
+            if judge.enabled and judge.reason_first and judge.max_tokens < 64:
+                problems.append(f"scoring.{who}.reason_first needs room for the reasons before the verdict line: "
+                                f"max_tokens = {judge.max_tokens} would cut the verdict off; set max_tokens = 128 or more")
         if self.engine.kind == "openai" and self.engine.server is None:
             problems.append("engine.kind = 'openai' needs an [engine.server] table")
         if not (self.scoring.use_verifier or self.scoring.self_judge.enabled or self.scoring.teacher_judge.enabled

@@ -106,12 +106,29 @@ def parse_verdict(reply: str) -> str | None:
     return m.group(1) if m else None
 
 
-def pointwise_prompt(question: str, answer: str) -> str:
-    return POINTWISE_TEMPLATE.format(tag=_tag(question, answer), question=readable(question), answer=answer)
+# JudgeConfig.reason_first: the judge reasons before its verdict (the verdict stays the last line,
+# which is all the parser reads); without it the judge answers with the verdict line alone.
+REASON_FIRST = {
+    "Reply with one line and nothing else, exactly in this format:":
+        "First say in a few sentences what is right or wrong in the answer{s}, judging content, not length. Then end "
+        "your reply with one last line exactly in this format:",
+}
 
 
-def pairwise_prompt(question: str, a: str, b: str) -> str:
-    return PAIRWISE_TEMPLATE.format(tag=_tag(question, a, b), question=readable(question), a=a, b=b)
+def _reasoning(template: str, plural: bool) -> str:
+    for old, new in REASON_FIRST.items():
+        template = template.replace(old, new.format(s="s" if plural else ""))
+    return template
+
+
+def pointwise_prompt(question: str, answer: str, reason_first: bool = False) -> str:
+    template = _reasoning(POINTWISE_TEMPLATE, False) if reason_first else POINTWISE_TEMPLATE
+    return template.format(tag=_tag(question, answer), question=readable(question), answer=answer)
+
+
+def pairwise_prompt(question: str, a: str, b: str, reason_first: bool = False) -> str:
+    template = _reasoning(PAIRWISE_TEMPLATE, True) if reason_first else PAIRWISE_TEMPLATE
+    return template.format(tag=_tag(question, a, b), question=readable(question), a=a, b=b)
 
 
 def _params(cfg: JudgeConfig) -> SamplingParams:
@@ -143,7 +160,7 @@ def judge_pointwise(
     adapter: str | None = None, system_prompt: str | None = None,
 ) -> list[PointwiseVerdict]:
     """Scores 1-10 for each (question, answer) item."""
-    prompts = [pointwise_prompt(q, a) for q, a in items]
+    prompts = [pointwise_prompt(q, a, cfg.reason_first) for q, a in items]
     outs = engine.generate([chat_messages(p, system_prompt) for p in prompts], _params(cfg), adapter=adapter)
     return [PointwiseVerdict(parse_score(o[0].text), o[0].text, p) for p, o in zip(prompts, outs)]
 
@@ -155,7 +172,7 @@ def judge_pairwise(
     """For each (question, a, b): which answer wins, asked as A/B and as B/A."""
     prompts = []
     for q, a, b in items:
-        prompts += [pairwise_prompt(q, a, b), pairwise_prompt(q, b, a)]
+        prompts += [pairwise_prompt(q, a, b, cfg.reason_first), pairwise_prompt(q, b, a, cfg.reason_first)]
     outs = engine.generate([chat_messages(p, system_prompt) for p in prompts], _params(cfg), adapter=adapter)
     verdicts = []
     for i in range(len(items)):

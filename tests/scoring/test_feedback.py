@@ -105,3 +105,32 @@ def test_pairwise_scores_pair_only_the_two_answers_of_one_match():
     by_id = {r["generation_id"]: r for r in rows}
     assert by_id[10]["details"]["position_biased"] == 1 and by_id[10]["details"]["beat"] == [12, 13]
     assert (10, 11) not in pairs_of(rows, "all_above_margin") and (10, 13) in pairs_of(rows, "all_above_margin")
+
+
+def test_a_judge_that_reasons_first_is_asked_to_and_its_last_line_is_the_verdict():
+    import pytest
+
+    from selfdistill.config import PolicyError, parse_policy
+
+    seen = []
+
+    class Reasoner(Scripted):
+        def generate(self, prompts, params, adapter=None):
+            seen.extend(p[-1]["content"] for p in prompts)
+            return super().generate(prompts, params, adapter)
+
+    judge = Reasoner(lambda ans: f"The answer {ans[0]!r} states a number.\nIt is complete.\nScore: {9 if ans[0] == '42' else 3}")
+    cfg = JudgeConfig(enabled=True, reason_first=True, max_tokens=128)
+    rows = judge_scores(judge, "teacher", cfg, GENS[:2], PROMPTS, None)
+    assert [round(r["score"], 3) for r in rows] == [round(8 / 9, 3), round(2 / 9, 3)]
+    assert all("First say in a few sentences what is right or wrong in the answer, judging content, not length" in p for p in seen)
+    assert "Reply with one line and nothing else" not in seen[0]
+    seen.clear()
+    judge_scores(judge, "teacher", JudgeConfig(enabled=True, mode="pairwise", reason_first=True, max_tokens=128), GENS[:2], PROMPTS, None)
+    assert seen and all("what is right or wrong in the answers" in p for p in seen)
+    seen.clear()
+    judge_scores(judge, "teacher", JudgeConfig(enabled=True), GENS[:2], PROMPTS, None)
+    assert all("Reply with one line and nothing else" in p and "First say" not in p for p in seen)
+    with pytest.raises(PolicyError, match="reason_first needs room for the reasons"):
+        parse_policy({"name": "t", "state_dir": "s", "tasks": {"sources": [{"type": "jsonl", "path": "t.jsonl"}]},
+                      "scoring": {"teacher_judge": {"enabled": False}, "self_judge": {"enabled": True, "reason_first": True}}}, "p.toml")
