@@ -27,10 +27,13 @@ from selfdistill.checkpoints import read_current
 pytestmark = pytest.mark.slow
 
 POLICIES = sorted((ROOT / "policies").glob("*.toml"))
-TEACHER_POLICIES = {"teacher-openai.toml"}
+TEACHER_POLICIES = {"teacher-openai.toml", "open-teacher-judge.toml"}
+# a judge the tiny model is asked to be: it cannot pass its anchor check, so these train on nothing
+SELF_JUDGED = {"open-self-judge.toml"}
 # The policies shipped today, by name: the glob must find each (a moved directory or a renamed file
 # would otherwise run none of them and pass); a new file is still picked up without being named.
-SHIPPED = {"cpu-demo.toml", "cpu-distill.toml", "gpu.toml", "gpu-teacher.toml", "jsonl-verifier.toml", "teacher-openai.toml"}
+SHIPPED = {"cpu-demo.toml", "cpu-distill.toml", "gpu.toml", "gpu-teacher.toml", "jsonl-verifier.toml", "teacher-openai.toml",
+           "open-teacher-judge.toml", "open-self-judge.toml"}
 README_COMMANDS_ON = "jsonl-verifier.toml"  # the README's command table runs on this one's state
 
 # What is changed in a shipped policy to run it here, and nothing else. Sizes shrink; the model
@@ -58,9 +61,26 @@ SHRINK = {
 SERVE_SHRINK = {"dtype": "float32", "max_model_len": 256, "cpu_kv_cache_gib": 0.25, "enforce_eager": True, "start_timeout_s": 300}
 
 
+# Open-ended tasks (default_verifier = "auto", no answers) stay verifier-less: the judge is what
+# such a policy is about. A teacher judge's anchor file becomes one the scripted teacher agrees
+# with (it calls an answer with a digit good), as the verifier becomes one the tiny model can pass.
+FAKE_TEACHER_ANCHORS = [{"prompt": f"Item {i}?", "answer": a, "verdict": v} for i in range(4) for a, v in ((f"{i} parts", True), ("nice", False))]
+
+
 def shipped(path: Path, model_dir: Path, tmp: Path, teacher_url: str | None) -> dict:
     data = tomllib.loads(path.read_text())
+    open_ended = data["tasks"].get("default_verifier") == "auto"
     data = merged(data, {k: v for k, v in SHRINK.items() if k in data or k not in ("teacher",)})
+    if open_ended:
+        data["tasks"]["default_verifier"] = "auto"
+        data["engine"]["max_model_len"] = 512  # the tiny model's whole context: a judge's prompt is long
+    for who, judge in data.get("scoring", {}).items():
+        if isinstance(judge, dict) and judge.get("anchors"):
+            judge["anchors"] = str((path.parent / judge["anchors"]).resolve())
+            if who == "teacher_judge" and teacher_url is not None:
+                fake = tmp / "fake-teacher-anchors.jsonl"
+                fake.write_text("".join(json.dumps(r) + "\n" for r in FAKE_TEACHER_ANCHORS))
+                judge["anchors"] = str(fake)
     data["student"]["base_model"] = str(model_dir)
     data["state_dir"] = str(tmp / "state")
     for src in data["tasks"]["sources"]:
@@ -131,6 +151,8 @@ def test_shipped_policy_runs_its_own_settings(policy_file, tmp_path, tiny_model_
     con = sqlite3.connect(tmp_path / "state" / "selfdistill.db")
     con.row_factory = sqlite3.Row
     rounds = [dict(r) for r in con.execute("SELECT * FROM rounds ORDER BY id")]
+    if policy_file.name in SELF_JUDGED:
+        return _refused_self_judge(con, rounds)
     assert [r["decision"] for r in rounds[:2]] == ["skip", "fail"], rounds
     assert "test hook: round skipped" in rounds[0]["reasons"] and "test hook: round failed" in rounds[1]["reasons"]
     # the round after the skip generated on the engine the skip had released, and so did the next
@@ -169,12 +191,33 @@ def test_shipped_policy_runs_its_own_settings(policy_file, tmp_path, tiny_model_
     con.close()
     status = json.loads(run_cli("status", str(policy), "--json", cwd=tmp_path, env=env).stdout)
     assert [r["id"] for r in status["rounds"]][:3] == [1, 2, 3]
-    assert status["base_metrics"]["n"] == 8 and status["stopped_reason"]
+    if data["tasks"].get("default_verifier") == "auto":  # open-ended: no accuracy, the teacher's win rate decided
+        assert status["base_metrics"]["n"] == 0 and status["base_metrics"]["unverified"] == 8 and status["stopped_reason"]
+        assert status["rounds"][2]["metrics"]["candidate_accuracy"] is None and status["rounds"][2]["metrics"]["pairwise"]["trusted"]
+    else:
+        assert status["base_metrics"]["n"] == 8 and status["stopped_reason"]
     # on CPU vLLM served adapters as merged copies of the base; none outlives the daemon
     merged_dir = tmp_path / "state" / "cache" / "merged"
     assert not (merged_dir.is_dir() and list(merged_dir.iterdir())), list(merged_dir.iterdir())
     if policy_file.name == README_COMMANDS_ON:
         run_readme_commands(policy, tmp_path, env)
+
+
+def _refused_self_judge(con, rounds: list[dict]) -> None:
+    """The tiny student as its own judge on open-ended tasks: no verifier and a judge that cannot
+    pass its anchor check (or whose prompt does not even fit its context), so no answer is scored,
+    no pair or SFT row is made, nothing is trained, and every round only collects, saying why."""
+    *collected, last = rounds
+    assert collected and all(r["decision"] == "collect" and "0 new pairs+examples" in r["reasons"] for r in collected), rounds
+    assert last["decision"] == "collect" or "no training task left to sample" in last["reasons"], last
+    assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 0
+    assert sum(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("pairs", "sft_examples", "training_runs")) == 0
+    health = [dict(r) for r in con.execute("SELECT healthy FROM judge_health WHERE judge = 'self'")]
+    unavailable = con.execute("SELECT count(*) FROM events WHERE kind = 'judge_unavailable'").fetchone()[0]
+    assert (health and not any(h["healthy"] for h in health)) or unavailable > 0, (health, unavailable)
+    counts = [json.loads(r[0]) for r in con.execute("SELECT counts FROM phases WHERE phase = 'score'")]
+    assert counts and all(c["unscored_tasks"] > 0 for c in counts), counts
+    con.close()
 
 
 def readme_commands() -> list[str]:
