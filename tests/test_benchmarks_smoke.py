@@ -55,3 +55,28 @@ def test_distill_benchmark_runs(tmp_path, tiny_model_dir):
         assert set(res["results"][split]) == {"base", "loop", "distill", "teacher"} and res["results"][split]["base"]["n"] > 0
     table = (tmp_path / "out" / "distill.md").read_text()
     assert "| teacher |" in table and "| distill |" in table
+
+
+def test_self_judge_benchmark_runs(tmp_path, tiny_model_dir):
+    """benchmarks/self_judge.py end to end at toy sizes: the verifier arm and the judge-only arm on
+    one split, the judge arm's tasks written without answers, scored afterwards by the verifier."""
+    from sd_testutil import merged, tiny_policy_data, write_policy
+
+    policy = write_policy(tmp_path / "tiny-rg.toml", merged(tiny_policy_data(tiny_model_dir, "transformers"), {
+        "engine": {"max_model_len": 512},
+        "tasks": {"sources": [{"type": "reasoning_gym", "dataset": "chain_sum", "seed": 1, "size": 60,
+                               "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}]},
+        "stopping": {"max_rounds": 1}}))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "self_judge.py"), "--policy", str(policy), "--out", str(tmp_path / "out"),
+                        "--arms", "verifier,self", "--minutes", "10", "--rounds", "1", "--audit", "10"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    res = json.loads((tmp_path / "out" / "self_judge.json").read_text())
+    assert set(res["arms"]) == {"verifier", "self"}
+    open_tasks = [json.loads(x) for x in (tmp_path / "out" / "tasks-open.jsonl").read_text().splitlines()]
+    assert len(open_tasks) == 60 and all(set(t) == {"prompt"} for t in open_tasks)  # the judge arm sees no answer
+    anchors = [json.loads(x) for x in (tmp_path / "out" / "anchors.jsonl").read_text().splitlines()]
+    assert anchors and {a["prompt"] for a in anchors}.isdisjoint({t["prompt"] for t in open_tasks})  # in no split
+    assert all(res["arms"][arm]["rounds"] == 1 for arm in res["arms"]), res["arms"]
+    for split in ("gate", "audit"):
+        assert set(res["results"][split]) == {"base", "verifier", "self"} and res["results"][split]["base"]["n"] > 0
+    assert "| self |" in (tmp_path / "out" / "self_judge.md").read_text()
