@@ -82,12 +82,17 @@ def write_anchors(src: dict, out: Path, avoid: set[str], n: int = 24) -> Path:
 
 
 def arm_policy(src: dict, src_path: Path, arm: str, out: Path, tasks: Path, anchors: Path, minutes: float, audit_fraction: float,
-               rounds: int = 100) -> Path:
+               rounds: int = 100, sizes: dict | None = None) -> Path:
+    """One arm's policy: the source policy on the arm's task file, with its own state, clock, sizes and scoring."""
+    sizes = sizes or {}
     data = json.loads(json.dumps(src))
     data["name"] = f"bench-self-judge-{arm}"
     data["state_dir"] = str((out / arm / "state").resolve())
     data["tasks"]["sources"] = [{"type": "jsonl", "path": str(tasks)}]
     data["tasks"]["audit_fraction"] = audit_fraction
+    data["tasks"].update(sizes.get("tasks", {}))
+    for table in ("generation", "evaluation"):
+        data.setdefault(table, {}).update(sizes.get(table, {}))
     st = data.setdefault("stopping", {})
     st.update(max_wall_s=minutes * 60, max_rounds=rounds)
     st.pop("plateau_rounds", None)
@@ -100,7 +105,8 @@ def arm_policy(src: dict, src_path: Path, arm: str, out: Path, tasks: Path, anch
         data["pairs"] = {**data.get("pairs", {}), "strategy": "best_vs_worst", "min_margin": 0.3, "sft_from": "none"}
         data["training"] = {**data.get("training", {}), "algorithm": "dpo"}
         data["training"].pop("min_sft_examples", None)
-        data["evaluation"] = {**data.get("evaluation", {}), "pairwise_judge": "self", "pairwise_items": 60}
+        data["evaluation"] = {**data.get("evaluation", {}), "pairwise_judge": "self",
+                              "pairwise_items": min(60, data.get("evaluation", {}).get("heldout_items", 60))}
         data["gates"] = {k: v for k, v in data.get("gates", {}).items() if k not in ("test", "alpha", "min_gain")}
         data["gates"]["min_win_rate"] = 0.5
     data.setdefault("logging", {})["format"] = "json"
@@ -118,6 +124,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=100, help="at most this many rounds an arm (the clock decides unless smaller)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--size", type=int, default=None, help="tasks drawn (default: the policy source's size)")
+    ap.add_argument("--per-round", type=int, default=16, help="tasks.per_round of every arm (the demo's 64 x 8 answers take 12 min a round)")
+    ap.add_argument("--samples", type=int, default=4, help="generation.samples_per_task of every arm (a pairwise judge meets k(k-1)/2 pairs)")
+    ap.add_argument("--heldout-items", type=int, default=100, help="evaluation.heldout_items of every arm")
     ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
     ap.add_argument("--audit-fraction", type=float, default=0.2)
     a = ap.parse_args()
@@ -146,7 +155,8 @@ def main() -> None:
     t0 = time.time()
     for arm in arms:
         path = arm_policy(src, a.policy, arm, out, verified if arm == "verifier" else open_tasks, anchors, a.minutes, a.audit_fraction,
-                          a.rounds)
+                          a.rounds, {"tasks": {"per_round": a.per_round}, "generation": {"samples_per_task": a.samples},
+                                     "evaluation": {"heldout_items": a.heldout_items}})
         log = out / arm / "daemon.log"
         t = time.time()
         assert cli("init", str(path), log=log, timeout=900) == 0, log.read_text()[-3000:]

@@ -68,7 +68,8 @@ def test_self_judge_benchmark_runs(tmp_path, tiny_model_dir):
                                "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}]},
         "stopping": {"max_rounds": 1}}))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "self_judge.py"), "--policy", str(policy), "--out", str(tmp_path / "out"),
-                        "--arms", "verifier,self", "--minutes", "10", "--rounds", "1", "--audit", "10"], capture_output=True, text=True, timeout=900)
+                        "--arms", "verifier,self", "--minutes", "10", "--rounds", "1", "--audit", "10",
+                        "--per-round", "6", "--heldout-items", "8"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     res = json.loads((tmp_path / "out" / "self_judge.json").read_text())
     assert set(res["arms"]) == {"verifier", "self"}
