@@ -90,7 +90,12 @@ def arm_policy(src: dict, src_path: Path, arm: str, out: Path, tasks: Path, anch
     data["state_dir"] = str((out / arm / "state").resolve())
     data["tasks"]["sources"] = [{"type": "jsonl", "path": str(tasks)}]
     data["tasks"]["audit_fraction"] = audit_fraction
+    per_round = data["tasks"].get("per_round", 64)
     data["tasks"].update(sizes.get("tasks", {}))
+    tr = data.setdefault("training", {})
+    for key in ("min_sft_examples", "min_pairs"):  # a smaller round makes fewer rows: the minimums scale with it
+        if key in tr:
+            tr[key] = max(1, round(tr[key] * data["tasks"].get("per_round", per_round) / per_round))
     for table in ("generation", "evaluation"):
         data.setdefault(table, {}).update(sizes.get(table, {}))
     st = data.setdefault("stopping", {})
