@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bootstrap import summary  # noqa: E402
-from learning import cli, dump_toml  # noqa: E402
+from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
 ARMS = ("loop", "labels", "distill", "policy")
 
@@ -110,15 +110,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-distill.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "distill")
-    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of each arm's daemon run")
-    ap.add_argument("--rounds", type=int, default=100, help="at most this many rounds an arm (the clock decides unless smaller)")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
+    add_arm_options(ap, ARMS, minutes=8.0)
     ap.add_argument("--audit-fraction", type=float, default=0.2, help="tasks.audit_fraction of every arm (the policy's 0.1 holds ~100 items)")
     a = ap.parse_args()
-    arms = [x for x in a.arms.split(",") if x]
-    if unknown := [x for x in arms if x not in ARMS]:
-        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    arms = chosen_arms(a, ARMS)
 
     from selfdistill.config import load_policy
     from selfdistill.operations import base_model_dir
@@ -204,8 +199,7 @@ def main() -> None:
         f = figures.get(m)
         extra = (f"{f['rounds']} ({f['decisions'].count('promote')}) | {f['teacher_tokens']:,} | {f['wall_s']:.0f}" if f else "- | - | -")
         p = f"{au['p_vs_base']:.2g}" if "p_vs_base" in au else "-"
-        lines.append(f"| {m} | {au['accuracy']:.3f} [{au['ci'][0]:.3f}, {au['ci'][1]:.3f}] (n={au['n']}) | {p} | "
-                     f"{g['accuracy']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] (n={g['n']}) | {extra} |")
+        lines.append(f"| {m} | {cell(au)} | {p} | {cell(g)} | {extra} |")
     (out / "distill.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(report, indent=2))
     print("\n".join(lines))

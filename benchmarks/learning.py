@@ -79,6 +79,26 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def cell(fig: dict[str, Any]) -> str:
+    """An accuracy as a table cell: "0.190 [0.125, 0.278] (n=100)"."""
+    return f"{fig['accuracy']:.3f} [{fig['ci'][0]:.3f}, {fig['ci'][1]:.3f}] (n={fig['n']})"
+
+
+def add_arm_options(ap: argparse.ArgumentParser, arms: tuple[str, ...], minutes: float) -> None:
+    """The options every side-by-side benchmark of arms shares."""
+    ap.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget of each arm's daemon run")
+    ap.add_argument("--rounds", type=int, default=100, help="at most this many rounds an arm (the clock decides unless smaller)")
+    ap.add_argument("--arms", default=",".join(arms), help=f"comma-separated, of {', '.join(arms)}")
+    ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
+
+
+def chosen_arms(a: argparse.Namespace, arms: tuple[str, ...]) -> list[str]:
+    chosen = [x for x in a.arms.split(",") if x]
+    if unknown := [x for x in chosen if x not in arms]:
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
+    return chosen
+
+
 def make_policy(src: Path, out: Path, a: argparse.Namespace) -> Path:
     data = tomllib.loads(src.read_text())
     data["name"] = "bench-learning"
@@ -226,8 +246,7 @@ def main() -> None:
     lines = ["| model | gate items acc [95% CI] | audit acc [95% CI] |", "|---|---|---|"]
     for k in models:
         g, au = results["gate_items"][k], results["audit"][k]
-        lines.append(f"| {k} | {g['accuracy']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] (n={g['n']}) | "
-                     f"{au['accuracy']:.3f} [{au['ci'][0]:.3f}, {au['ci'][1]:.3f}] (n={au['n']}) |")
+        lines.append(f"| {k} | {cell(g)} | {cell(au)} |")
     (out / "learning.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(summary_, indent=2))
     print("\n".join(lines))

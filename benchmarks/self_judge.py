@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bootstrap import rg_tasks, rows, summary  # noqa: E402
 from distill import arm_figures  # noqa: E402
-from learning import cli, dump_toml  # noqa: E402
+from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
 ARMS = ("verifier", "self", "forced")
 SELF_JUDGE = {"enabled": True, "mode": "pairwise", "matches": "all", "anchor_size": 16, "recheck_every_rounds": 2,
@@ -125,19 +125,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-demo.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "self-judge")
-    ap.add_argument("--minutes", type=float, default=6.0, help="wall-clock budget of each arm's daemon run")
-    ap.add_argument("--rounds", type=int, default=100, help="at most this many rounds an arm (the clock decides unless smaller)")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    add_arm_options(ap, ARMS, minutes=6.0)
     ap.add_argument("--size", type=int, default=None, help="tasks drawn (default: the policy source's size)")
     ap.add_argument("--per-round", type=int, default=16, help="tasks.per_round of every arm (the demo's 64 x 8 answers take 12 min a round)")
     ap.add_argument("--samples", type=int, default=4, help="generation.samples_per_task of every arm (a pairwise judge meets k(k-1)/2 pairs)")
     ap.add_argument("--heldout-items", type=int, default=100, help="evaluation.heldout_items of every arm")
-    ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
     ap.add_argument("--audit-fraction", type=float, default=0.2)
     a = ap.parse_args()
-    arms = [x for x in a.arms.split(",") if x]
-    if unknown := [x for x in arms if x not in ARMS]:
-        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    arms = chosen_arms(a, ARMS)
 
     from selfdistill.config import load_policy
     from selfdistill.engines import make_engine
@@ -221,8 +216,7 @@ def main() -> None:
                            f" ({'yes' if c['healthy'] else 'no'})" for c in (f or {}).get("judge_checks", []) if c["agreement"] is not None) or "-"
         extra = f"{f['rounds']} ({f['decisions'].count('promote')}) | {f['pairs']} | {checks}" if f else "- | - | -"
         p = f"{au['p_vs_base']:.2g}" if "p_vs_base" in au else "-"
-        lines.append(f"| {m} | {au['accuracy']:.3f} [{au['ci'][0]:.3f}, {au['ci'][1]:.3f}] (n={au['n']}) | {p} | "
-                     f"{g['accuracy']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] (n={g['n']}) | {extra} |")
+        lines.append(f"| {m} | {cell(au)} | {p} | {cell(g)} | {extra} |")
     (out / "self_judge.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(report, indent=2, default=str))
     print("\n".join(lines))

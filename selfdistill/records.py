@@ -12,7 +12,7 @@ import json
 import math
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 SPLITS = ("train", "heldout", "audit")
 
@@ -248,6 +248,18 @@ CONVERSATION_TAG = "\u241e"  # SYMBOL FOR RECORD SEPARATOR: visible in SQL, neve
 ROLES = ("system", "user", "assistant")
 
 
+def jsonl_rows(lines: Iterable[str], problems: list[str], where: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line that is JSON; a line that is not JSON is
+    added to `problems` as "{where}{line}: not JSON (...)" (`where` is "path:" or "line ") and skipped."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}{lineno}: not JSON ({e.msg} at column {e.colno})")
+
+
 def conversation_problem(messages: Any) -> str | None:
     """What is wrong with a conversation, or None: a list of {role, content} turns, an optional
     system turn first, then user and assistant turns alternating, ending with a user turn."""
@@ -267,6 +279,17 @@ def conversation_problem(messages: Any) -> str | None:
             return f"messages[{i}] is a {messages[i]['role']} turn, expected {want} (an optional system turn first, then user and assistant alternating)"
     if messages[-1]["role"] != "user":
         return "the conversation must end with a user turn: that is the turn the student answers"
+    return None
+
+
+def prompt_problem(row: dict, what: str) -> str | None:
+    """What is wrong with the `prompt` or `messages` of a JSONL row (a task, an anchor: `what`), or None."""
+    if "messages" in row:
+        if "prompt" in row:
+            return f"both `prompt` and `messages`; {what} has one of the two"
+        return conversation_problem(row["messages"])
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        return "missing or empty `prompt` (a non-empty string; or `messages`, a conversation)"
     return None
 
 

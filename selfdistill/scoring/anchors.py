@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import PolicyError
-from selfdistill.records import conversation_problem, conversation_prompt, normalize_prompt
+from selfdistill.records import conversation_prompt, jsonl_rows, normalize_prompt, prompt_problem
 
 POINT_FIELDS = {"answer", "verdict", "score"}
 PAIR_FIELDS = {"answer_a", "answer_b", "preference"}
@@ -78,14 +78,9 @@ def _line_problem(row: Any) -> str | None:
     unknown = sorted(set(row) - FIELDS)
     if unknown:
         return f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(FIELDS))}"
-    if "messages" in row:
-        if "prompt" in row:
-            return "both `prompt` and `messages`; an anchor has one of the two"
-        problem = conversation_problem(row["messages"])
-        if problem:
-            return problem
-    elif not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-        return "missing or empty `prompt` (a non-empty string; or `messages`, a conversation)"
+    problem = prompt_problem(row, "an anchor")
+    if problem:
+        return problem
     if "note" in row and not isinstance(row["note"], str):
         return "`note` must be a string"
     point, pair = POINT_FIELDS & set(row), PAIR_FIELDS & set(row)
@@ -136,14 +131,7 @@ def load_anchors(path: Path | str) -> Anchors:
     out = Anchors(path=str(p), sha256=hashlib.sha256(raw).hexdigest())
     problems: list[str] = []
     seen: dict[tuple, int] = {}
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {lineno}: not JSON ({e.msg} at column {e.colno})")
-            continue
+    for lineno, row in jsonl_rows(raw.decode("utf-8", errors="replace").splitlines(), problems, "line "):
         problem = _line_problem(row)
         if problem:
             problems.append(f"line {lineno}: {problem}")

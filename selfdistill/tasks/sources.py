@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from selfdistill.config import DatasetDirSource, ExpansionSource, JsonlSource, ReasoningGymSource
 from selfdistill.errors import TaskSourceError
-from selfdistill.records import TaskIn, conversation_problem, conversation_prompt
+from selfdistill.records import TaskIn, conversation_prompt, jsonl_rows, prompt_problem
 
 JSONL_FIELDS = {"prompt": str, "messages": list, "answer": (str, int, float), "verifier": str, "category": str, "metadata": dict, "group": (str, int)}
 
@@ -60,14 +60,9 @@ def _row_problem(row: Any) -> str | None:
     unknown = sorted(set(row) - set(JSONL_FIELDS))
     if unknown:
         return f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(JSONL_FIELDS)} (put extra data under metadata)"
-    if "messages" in row:
-        if "prompt" in row:
-            return "both `prompt` and `messages`; a task has one of the two"
-        problem = conversation_problem(row["messages"])
-        if problem:
-            return problem
-    elif not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-        return "missing or empty `prompt` (a non-empty string; or `messages`, a conversation)"
+    problem = prompt_problem(row, "a task")
+    if problem:
+        return problem
     for key, types in JSONL_FIELDS.items():
         if row.get(key) is not None and (not isinstance(row[key], types) or isinstance(row[key], bool)):
             return f"`{key}` must be {getattr(types, '__name__', 'a string or a number')}, got {type(row[key]).__name__}"
@@ -80,14 +75,7 @@ def _iter_jsonl(cfg: JsonlSource, base_dir: Path | None, problems: list[str]) ->
         raise TaskSourceError(f"{path}: task file does not exist; fix `path` of the jsonl source")
     name = source_name(cfg)
     with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: not JSON ({e.msg} at column {e.colno})")
-                continue
+        for lineno, row in jsonl_rows(f, problems, f"{path}:"):
             problem = _row_problem(row)
             if problem:
                 problems.append(f"{path}:{lineno}: {problem}")
@@ -128,12 +116,9 @@ def _iter_reasoning_gym(cfg: ReasoningGymSource) -> Iterator[TaskIn]:
 def _dir_rows(path: Path, problems: list[str]) -> Iterator[tuple[str, dict]]:
     for file in sorted(path.iterdir()):
         if file.suffix == ".jsonl":
-            for lineno, line in enumerate(file.open(encoding="utf-8", errors="replace"), 1):
-                if line.strip():
-                    try:
-                        yield f"{file}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        problems.append(f"{file}:{lineno}: not JSON ({e.msg} at column {e.colno})")
+            with file.open(encoding="utf-8", errors="replace") as f:
+                for lineno, row in jsonl_rows(f, problems, f"{file}:"):
+                    yield f"{file}:{lineno}", row
         elif file.suffix == ".json":
             try:
                 rows = json.loads(file.read_text(encoding="utf-8"))
