@@ -108,10 +108,18 @@ def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
 def check_model_dir(model_dir: str | os.PathLike[str]) -> Path:
     """A local Hugging Face model directory, or a ModelError naming the path."""
     path = Path(model_dir)
-    if not path.is_dir():
-        raise ModelError(f"{path}: model directory does not exist (give a local Hugging Face model directory)")
-    if not is_model_dir(path):
-        raise ModelError(f"{path}: not a model directory (config.json and *.safetensors expected)")
+    try:
+        if not path.is_dir():
+            raise ModelError(f"{path}: model directory does not exist (give a local Hugging Face model directory)")
+        if not is_model_dir(path):
+            raise ModelError(f"{path}: not a model directory (config.json and *.safetensors expected)")
+        unreadable = [f.name for f in sorted(path.iterdir()) if f.is_file() and not os.access(f, os.R_OK)]
+    except PermissionError:
+        raise ModelError(f"{path}: the model directory cannot be reached by uid {os.geteuid()} (a parent directory is "
+                         "not searchable); install the model where the service's user can read it") from None
+    if unreadable:  # a service user given root's copy (save_pretrained writes weights owner-only)
+        raise ModelError(f"{path}: {', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''} cannot be read by "
+                         f"uid {os.geteuid()}; make the model directory readable by the service's user (chmod -R a+rX {path})")
     return path
 
 

@@ -25,7 +25,10 @@ def _refusal(state_dir: Path) -> str | None:
     here = state_dir.resolve()
     shared = {Path(here.anchor): "the filesystem root", Path(tempfile.gettempdir()).resolve(): "the system temp directory"}
     home = Path(os.path.expanduser("~"))  # stays "~" for a user without a home (a systemd DynamicUser)
-    if home.is_absolute():
+    # a service user's home may be the directory systemd made for its state (StateDirectory=,
+    # passed as $STATE_DIRECTORY): that one is the service's own, not a person's home
+    given = {Path(d).resolve() for d in os.environ.get("STATE_DIRECTORY", "").split(":") if d}
+    if home.is_absolute() and home.resolve() not in given:
         shared[home.resolve()] = "the home directory"
     if here in shared:
         return (f"{state_dir}: state_dir is {shared[here]} itself; point state_dir at a directory of its own, "

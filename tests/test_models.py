@@ -61,3 +61,40 @@ def test_resolve_base_model_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="not a model directory"):
         resolve_base_model(str(tmp_path / "empty"))
+
+
+def test_a_model_the_service_user_cannot_read_is_one_line(tiny_model_dir):
+    """The weights save_pretrained writes are owner-only: a service user given root's copy got
+    "unexpected FileNotFoundError" from deep in the loader (found by the systemd unit test)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand a root-owned model to another user")
+    top = Path(tempfile.mkdtemp(dir="/var/tmp"))  # pytest's temp tree is root's alone: nobody could reach any of it
+    model = top / "model"
+    shutil.copytree(tiny_model_dir, model)
+    model.chmod(0o755)
+    code = ("import os, sys\nfrom selfdistill.models import check_model_dir\n"  # this python lives under /root: import first
+            f"os.setgid(65534); os.setuid(65534); check_model_dir({str(model)!r})")
+
+    def as_nobody() -> str:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        return "ok" if r.returncode == 0 else r.stderr
+
+    try:
+        top.chmod(0o700)
+        assert f"{model}: the model directory cannot be reached by uid 65534" in as_nobody()
+        top.chmod(0o755)
+        (model / "model.safetensors").chmod(0o600)
+        assert f"{model}: model.safetensors cannot be read by uid 65534; make the model directory readable" in as_nobody()
+        (model / "model.safetensors").chmod(0o644)
+        assert as_nobody() == "ok"
+    finally:
+        shutil.rmtree(top)

@@ -77,6 +77,20 @@ def test_shared_directories_are_refused_even_empty(tmp_path, monkeypatch, which,
     assert _mode(shared) == 0o755 and os.listdir(shared) == []
 
 
+def test_a_service_home_that_systemd_gave_as_its_state_directory_is_taken(tmp_path, monkeypatch):
+    # the README's install: useradd --home /var/lib/selfdistill, StateDirectory=selfdistill, state_dir = that
+    home = tmp_path / "var-lib-selfdistill"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert "the home directory" in _refusal(home)
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path / 'other'}:{home}")
+    assert _refusal(home) is None
+    prepare_state_dir(home)
+    assert (home / MARKER).is_file() and _mode(home) == 0o700
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))  # another directory given: the home stays refused
+    assert "the home directory" in _refusal(home)
+
+
 def test_filesystem_root_is_refused():
     # only the check: prepare_state_dir(Path("/")) would chmod / if the check were missing
     assert _refusal(Path("/")).startswith("/: state_dir is the filesystem root itself")
