@@ -276,6 +276,11 @@ class ScoringConfig(_Model):
     teacher_revise: bool = Field(False, description="The teacher revises a wrong student answer into the chosen side.")
     code_timeout_s: float = Field(5.0, gt=0, description="Sandbox: wall-clock limit for code answers.")
     code_memory_mb: int = Field(256, ge=16, description="Sandbox: address-space limit.")
+    code_sandbox: Literal["isolated", "rlimits"] = Field(
+        "isolated", description="isolated: code answers run only where the sandbox can isolate them (network and mount "
+        "namespaces, the state directory hidden, a uid of their own: today, a daemon running as root), and a daemon that "
+        "cannot refuses to start with code tasks; rlimits: accept CPU, memory and file-size limits alone (the code runs "
+        "as the daemon's user and can reach its files and the network: a trusted machine only).")
 
 
 class PairsConfig(_Model):

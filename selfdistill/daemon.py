@@ -30,7 +30,7 @@ from selfdistill.config import Policy, load_policy, reload_plan
 from selfdistill.cycle import Cycle, RunState, StopRequested, Waiting, is_disk_full
 from selfdistill.errors import PolicyError, SelfdistillError, StoppedByPolicy
 from selfdistill.logs import log
-from selfdistill.operations import ingest_tasks, open_state
+from selfdistill.operations import check_code_sandbox, ingest_tasks, open_state
 from selfdistill.service import StateLock, prepare_state_dir, sd_notify, watchdog_interval_s
 from selfdistill.store import DB_NAME, Store
 
@@ -230,6 +230,7 @@ class Daemon:
             if "distill" in self.policy.training.stages():
                 self._check_teacher_tokenizer()
             counts = ingest_tasks(self.policy, store)
+            check_code_sandbox(self.policy, store)
             store.event("start", f"daemon started (PID {os.getpid()})", data={"burst": self.burst, "max_rounds": self.max_rounds, **counts})
             log("daemon started", pid=os.getpid(), state_dir=str(self.policy.state_dir), tasks=store.count_tasks(), **counts)
             self.scheduler = BackgroundScheduler(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.config import BUNDLED_STUDENT, Policy
-from selfdistill.errors import CheckpointError
+from selfdistill.errors import CheckpointError, PolicyError
 from selfdistill.logs import log
 from selfdistill.service import prepare_state_dir
 from selfdistill.store import DB_NAME, Store
@@ -29,6 +29,22 @@ def base_model_dir(policy: Policy, prepare: bool = False) -> Path:
     if prepare and policy.student.base_model == BUNDLED_STUDENT:
         return prepare_bundled()
     return resolve_base_model(policy.student.base_model)
+
+
+def check_code_sandbox(policy: Policy, store: Store) -> None:
+    """Refuse to run code tasks where their answers could not be isolated (scoring.code_sandbox = "isolated")."""
+    if policy.scoring.code_sandbox != "isolated":
+        return
+    from selfdistill.scoring.sandbox import isolation_unavailable
+
+    why = isolation_unavailable()
+    if why is None:
+        return
+    n = store.count_code_tasks(policy.tasks.default_verifier == "code")
+    if n:
+        from selfdistill.scoring.verifiers import CODE_SANDBOX_FIX
+
+        raise PolicyError(f"{n} task(s) use the code verifier, and {why}; {CODE_SANDBOX_FIX}")
 
 
 def ingest_tasks(policy: Policy, store: Store) -> dict[str, Any]:

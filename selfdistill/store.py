@@ -294,6 +294,11 @@ class Store:
     def count_tasks(self) -> dict[str, int]:
         return {r["split"]: r["n"] for r in self.query("SELECT split, count(*) AS n FROM tasks GROUP BY split")}
 
+    def count_code_tasks(self, default_is_code: bool = False) -> int:
+        """Tasks whose answers the code verifier runs (their own verifier, or none and the default's)."""
+        where = "verifier = 'code'" + (" OR verifier IS NULL OR verifier = ''" if default_is_code else "")
+        return self.query(f"SELECT count(*) AS n FROM tasks WHERE {where}")[0]["n"]
+
     # -- rounds and phases -----------------------------------------------------------------
 
     def open_round(self) -> Round | None:

@@ -51,6 +51,14 @@ _UID_BASE = 3_000_000
 _uid_counter = itertools.count()
 
 
+def isolation_unavailable() -> str | None:
+    """Why `run_python` could not isolate code here (it would apply rlimits only), or None."""
+    if os.geteuid() != 0:
+        return (f"the daemon runs as uid {os.geteuid()}, not root: the sandbox would apply rlimits only (no network "
+                "or mount namespace, the state directory visible, the daemon's own uid)")
+    return None
+
+
 @dataclass
 class SandboxResult:
     returncode: int | None  # None when killed by the wall-clock timeout

@@ -218,10 +218,16 @@ def extract_code(answer_text: str) -> str:
     return fences[-1] if fences else answer_text
 
 
+CODE_SANDBOX_FIX = 'run the daemon as root, or set scoring.code_sandbox = "rlimits" to accept rlimits alone on a trusted machine'
+
+
 def _code(scoring: ScoringConfig, hide: tuple[str, ...]) -> VerifierFn:
     def verify_code(answer_text: str, task: Task) -> VerifierResult:
-        from selfdistill.scoring.sandbox import run_python
+        from selfdistill.scoring.sandbox import isolation_unavailable, run_python
 
+        why = isolation_unavailable() if scoring.code_sandbox == "isolated" else None
+        if why:  # the daemon refuses to start with code tasks then; this is the last line of defence
+            raise VerifierError(f"code answers are not run: {why}; {CODE_SANDBOX_FIX}")
         tests = task.metadata.get("tests")
         if not tests:
             raise VerifierError(f"task {task.id}: verifier 'code' needs metadata.tests (a string of asserts or a list of them)")

@@ -7,7 +7,8 @@ system-call filter for a round, READY and STATUS reach systemd, a reload (SIGHUP
 journald holds its JSON lines, the state belongs to the service user, and a stop by policy
 (exit 10) is not restarted; a warm stop (SIGTERM) mid-phase ends cleanly with no round left
 running; a wedged cycle makes the watchdog restart it; a missing or invalid policy file is one
-journal line and no restart loop. Skipped, with the reason, where no container can be made.
+journal line and no restart loop, and so are code tasks, whose answers the sandbox cannot isolate
+under a service user. Skipped, with the reason, where no container can be made.
 """
 
 from __future__ import annotations
@@ -151,13 +152,19 @@ def _scenario(ct, tomli_w) -> None:
     assert "the cycle made no progress for a watchdog period" in journal, journal[-3000:]
     ct.sh(f"systemctl stop {UNIT}", timeout=120)
 
-    # 4. bad input: no policy file, then an invalid one: one line each, exit 2, no restart loop
+    # 4. bad input: no policy file, an invalid one, code tasks it may not run: one line each, exit 2, no restart loop
     ct.sh(f"rm /etc/systemd/system/{UNIT}.d/test.conf && systemctl daemon-reload && systemctl reset-failed {UNIT} || true")
     invalid = _policy("/opt/selfdistill/stage/model")
     invalid["tasks"]["per_round"] = "many"
-    for broken, expect in ((None, "no such policy file"), (tomli_w.dumps(invalid), "tasks.per_round")):
+    # code tasks under a service user: the sandbox could not isolate their answers, so they are refused
+    ct.write("/etc/selfdistill/code.jsonl", json.dumps({"prompt": "Write add(a, b).", "verifier": "code",
+                                                        "metadata": {"tests": ["assert add(1, 2) == 3"]}}) + "\n")
+    code = _policy("/opt/selfdistill/stage/model")
+    code["tasks"]["sources"].append({"type": "jsonl", "path": "/etc/selfdistill/code.jsonl"})
+    for broken, expect in ((None, "no such policy file"), (tomli_w.dumps(invalid), "tasks.per_round"),
+                           (tomli_w.dumps(code), "1 task(s) use the code verifier, and the daemon runs as uid")):
         if broken is None:
-            ct.sh("mv /etc/selfdistill/policy.toml /etc/selfdistill/policy.toml.bak")
+            ct.sh("rm /etc/selfdistill/policy.toml")
         else:
             ct.write("/etc/selfdistill/policy.toml", broken)
         ct.sh(f"systemctl start {UNIT}", check=False, timeout=60)

@@ -139,3 +139,41 @@ def test_code_verifier_single_string_tests_and_missing_tests():
     assert verify("def f(): return 1", t).correct
     with pytest.raises(VerifierError, match="needs metadata.tests"):
         verify("x", T(verifier="code"))
+
+
+def test_code_answers_are_not_run_where_the_sandbox_cannot_isolate_them(monkeypatch, tmp_path):
+    """A daemon that is not root (a systemd unit's user) would run model-written code as itself,
+    with its database and the network in reach: refused at start, and by the verifier, unless
+    the policy accepts rlimits alone."""
+    import os
+
+    from sd_testutil import tiny_policy_data
+
+    from selfdistill.config import parse_policy as policy_from_dict
+    from selfdistill.errors import PolicyError
+    from selfdistill.operations import check_code_sandbox
+    from selfdistill.store import Store
+
+    monkeypatch.setattr(os, "geteuid", lambda: 999)
+    with pytest.raises(VerifierError, match=r"^code answers are not run: the daemon runs as uid 999, not root: .* "
+                                              r"set scoring.code_sandbox = \"rlimits\""):
+        resolve_verifier(T(**CODE_TASK), "auto", ScoringConfig())("def add(a, b): return a + b", T(**CODE_TASK))
+
+    data = tiny_policy_data(tmp_path / "model")
+    data["state_dir"] = str(tmp_path / "state")
+    store = Store.create(tmp_path / "db.sqlite")
+    try:
+        policy = policy_from_dict(data)
+        check_code_sandbox(policy, store)  # no code task: nothing to refuse
+        store.add_tasks([T(**CODE_TASK), T(prompt="Say 4.")], 0.0)
+        with pytest.raises(PolicyError, match=r"^1 task\(s\) use the code verifier, and the daemon runs as uid 999, not root"):
+            check_code_sandbox(policy, store)
+        data["tasks"]["default_verifier"] = "code"  # the task without a verifier of its own is a code task too
+        with pytest.raises(PolicyError, match=r"^2 task\(s\) use the code verifier"):
+            check_code_sandbox(policy_from_dict(data), store)
+        data["scoring"] = {"code_sandbox": "rlimits"}
+        check_code_sandbox(policy_from_dict(data), store)  # accepted by the policy
+        assert resolve_verifier(T(**CODE_TASK), "auto", policy_from_dict(data).scoring)("def add(a, b): return a + b",
+                                                                                        T(**CODE_TASK)).details["isolation"] == "rlimits"
+    finally:
+        store.close()
