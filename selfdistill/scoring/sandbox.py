@@ -17,8 +17,15 @@ environment. Layers, each because the one before it is not enough:
   left with the sandbox uid (`kill -KILL -1` run as that uid), which also catches a child that
   escaped the group with setsid.
 
-Not root: only the rlimits, the timeout and the process group apply, and `SandboxResult.isolation`
-says "rlimits" instead of "namespaces" so callers can record it.
+Not root (a systemd unit's user): the same mount and network namespaces and mounts, made from a
+user namespace of the sandbox's own (where the kernel and, under systemd, the unit allow one:
+systemd/selfdistill-code-sandbox.conf), with the code then an ordinary uid of a second, nested
+user namespace: exec drops every capability and the mounts of the first are locked, so it can
+neither unmount what hides the state directory nor raise an interface. RLIMIT_NPROC=1 stops forks
+as above. Its files are the daemon's uid outside, so the daemon's home and cache are hidden too.
+`SandboxResult.isolation` says "userns". Where no user namespace can be made, only the rlimits,
+the timeout and the process group apply, and it says "rlimits" (the code verifier refuses that
+unless scoring.code_sandbox = "rlimits").
 
 Run by hand: `python -m selfdistill.scoring.sandbox 'print(1+1)'`.
 """
@@ -40,6 +47,8 @@ from pathlib import Path
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
+_USERNS_INNER_UID = 1000  # the code's uid inside its user namespace (the daemon's uid outside)
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV = 1, 2, 4
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _MOUNT_ROOT = "/tmp"  # hidden by an empty tmpfs; the interpreter is bind-mounted under it
@@ -51,12 +60,43 @@ _UID_BASE = 3_000_000
 _uid_counter = itertools.count()
 
 
+_userns_probe: dict[int, str | None] = {}
+
+
+def _userns_problem() -> str | None:
+    """Why this process cannot make the user namespaces of the unprivileged sandbox (probed once, in
+    a child that does what `run_python` does and runs /bin/true), or None."""
+    pid = os.getpid()
+    if pid not in _userns_probe:
+        pre = _isolating_preexec(None, "/", [], 5, 256 * 2**20, 2**20, probe=True)
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child reports the step that failed, if one did, and exits at once
+            try:
+                os.close(r)
+                pre()
+                os._exit(0)
+            except BaseException as e:
+                os.write(w, (str(e) or type(e).__name__).encode()[:500])
+            os._exit(1)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said = f.read().decode(errors="replace")
+        _, status = os.waitpid(child, 0)
+        _userns_probe[pid] = None if status == 0 else (said or f"the probe exited with status {status}")
+    return _userns_probe[pid]
+
+
 def isolation_unavailable() -> str | None:
     """Why `run_python` could not isolate code here (it would apply rlimits only), or None."""
-    if os.geteuid() != 0:
-        return (f"the daemon runs as uid {os.geteuid()}, not root: the sandbox would apply rlimits only (no network "
-                "or mount namespace, the state directory visible, the daemon's own uid)")
-    return None
+    if os.geteuid() == 0:
+        return None
+    problem = _userns_problem()
+    if problem is None:
+        return None
+    return (f"the daemon runs as uid {os.geteuid()}, not root, and cannot create user namespaces ({problem}): the "
+            "sandbox would apply rlimits only (no network or mount namespace, the state directory visible, the daemon's "
+            "own uid; under systemd, add systemd/selfdistill-code-sandbox.conf)")
 
 
 @dataclass
@@ -66,7 +106,7 @@ class SandboxResult:
     stderr: str
     timed_out: bool
     duration_s: float
-    isolation: str  # "namespaces" (root: netns, mount ns, own uid) or "rlimits"
+    isolation: str  # "namespaces" (root: netns, mount ns, own uid), "userns" (the same, unprivileged) or "rlimits"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -84,39 +124,99 @@ def _mount(libc, source: bytes | None, target: bytes, fstype: bytes | None, flag
         raise OSError(err, f"mount {target.decode()}: {os.strerror(err)}")
 
 
-def _isolating_preexec(uid: int, prefix: str, hide: list[str], cpu_s: int, memory_bytes: int, fsize_bytes: int):
-    """The function the child runs between fork and exec, as root.
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _enter_user_namespace(libc, flags: int, inner: int, outer: int, outer_gid: int) -> None:
+    """unshare(CLONE_NEWUSER | flags) and map `inner` (uid and gid) to the caller's `outer` ids."""
+    if libc.unshare(_CLONE_NEWUSER | flags) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+    _write("/proc/self/setgroups", b"deny")
+    _write("/proc/self/uid_map", f"{inner} {outer} 1".encode())
+    _write("/proc/self/gid_map", f"{inner} {outer_gid} 1".encode())
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1  # x86_64, Linux >= 5.12
+
+
+def _mount_setattr(libc, path: bytes, attr: _MountAttr, flags: int) -> None:
+    if libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path, flags, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        raise OSError(ctypes.get_errno(), f"mount_setattr({path.decode()})")
+
+
+def _bind_flags(path: str) -> int:
+    """The per-mount flags of the mount holding `path` that a remount in a user namespace must keep."""
+    f = os.statvfs(path).f_flag
+    return sum(ms for st, ms in ((os.ST_NOSUID, _MS_NOSUID), (os.ST_NODEV, _MS_NODEV), (os.ST_NOEXEC, 8),
+                                 (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048), (getattr(os, "ST_RELATIME", 4096), 1 << 21))
+               if f & st)
+
+
+def _isolating_preexec(uid: int | None, prefix: str, hide: list[str], cpu_s: int, memory_bytes: int, fsize_bytes: int,
+                       probe: bool = False, workdir: str = "."):
+    """The function the child runs between fork and exec: as root (`uid`: the sandbox's own), or,
+    with `uid` None, as an unprivileged daemon through user namespaces (see `run_python`).
 
     The daemon has threads (vLLM), so the child must not take locks another thread might have
     held at fork time: libc is loaded and every path encoded here, in the parent.
     """
     libc = _libc()
+    outer_uid, outer_gid = os.getuid(), os.getgid()
     tmp, py_root, work = _MOUNT_ROOT.encode(), os.path.join(_MOUNT_ROOT, "python").encode(), _WORK.encode()
     prefix_b = prefix.encode()
     # paths under /tmp vanish with the /tmp tmpfs already (and cannot be mounted over once it is there)
-    hidden = [h.encode() for h in hide if os.path.isdir(h) and not (h == _MOUNT_ROOT or h.startswith(_MOUNT_ROOT + "/"))]
+    hidden: list[bytes] = []
+    for h in sorted(set(hide), key=len):  # a path under another hidden one vanishes with it (and cannot be mounted on)
+        if os.path.isdir(h) and not any(h == d or h.startswith(d.rstrip("/") + "/") for d in (_MOUNT_ROOT, *map(os.fsdecode, hidden))):
+            hidden.append(h.encode())
     ro = _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+    readonly, writable = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY), _MountAttr(attr_clr=_MOUNT_ATTR_RDONLY)
+    work_flags = 0 if probe else _bind_flags(workdir)
 
     def pre() -> None:
-        if libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) != 0:
+        if uid is None:  # root of a user namespace of our own: enough to make the mounts below
+            _enter_user_namespace(libc, _CLONE_NEWNS | _CLONE_NEWNET, 0, outer_uid, outer_gid)
+        elif libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare")
         _mount(libc, b"none", b"/", None, _MS_REC | _MS_PRIVATE)
+        if uid is None:  # the code is the daemon's uid outside: nothing it may write but its workdir
+            _mount_setattr(libc, b"/", readonly, _AT_RECURSIVE)
+            _mount_setattr(libc, b"/proc", writable, 0)  # the nested user namespace's maps are written there
         _mount(libc, b"tmpfs", tmp, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=64k,mode=0755")
-        os.mkdir(py_root)
-        _mount(libc, prefix_b, py_root, None, _MS_BIND | _MS_REC)
-        _mount(libc, None, py_root, None, _MS_REMOUNT | _MS_BIND | ro)
-        # The real workdir sits under the /tmp just hidden; bind it into view as the only writable place.
-        os.mkdir(work)
-        _mount(libc, b".", work, None, _MS_BIND)  # cwd is still the real workdir
+        if not probe:
+            os.mkdir(py_root)
+            _mount(libc, prefix_b, py_root, None, _MS_BIND | _MS_REC)
+            _mount(libc, None, py_root, None, _MS_REMOUNT | _MS_BIND | ro)
+            # The real workdir sits under the /tmp just hidden; bind it into view as the only writable place.
+            os.mkdir(work)
+            _mount(libc, b".", work, None, _MS_BIND)  # cwd is still the real workdir
+            if uid is None:  # writable again, this one mount (it came read-only from the tree above)
+                _mount(libc, None, work, None, _MS_REMOUNT | _MS_BIND | work_flags)
         _mount(libc, None, tmp, None, _MS_REMOUNT | ro)
         for path in hidden:
             _mount(libc, b"tmpfs", path, b"tmpfs", ro, b"size=4k,mode=0555")
         _set_limits(cpu_s, memory_bytes, fsize_bytes)
         resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        os.chdir(work)
+        if uid is None:
+            # a second user namespace, as an ordinary uid: exec drops every capability, and the
+            # mounts above, made in the first, are locked (this one owns no mount namespace)
+            _enter_user_namespace(libc, 0, _USERNS_INNER_UID, 0, 0)
+        else:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        if not probe:
+            os.chdir(work)
 
     return pre
 
@@ -172,9 +272,22 @@ def run_python(
         argv = [os.path.join(_MOUNT_ROOT, "python", os.path.relpath(interpreter, prefix)), "-I", "-S", "main.py"]
         hidden = [str(Path(p).resolve()) for p in (*_DEFAULT_HIDE, *hide)]
         preexec = _isolating_preexec(uid, prefix, hidden, cpu, mem, fsize)
+    elif _userns_problem() is None:
+        # not root: the same namespaces and mounts from a user namespace of the sandbox's own, the
+        # code then an ordinary uid of a second one. Its files are the daemon's uid outside, so the
+        # daemon's home and cache are hidden as well as `hide`; under the systemd unit every other
+        # path is read-only to it (ProtectSystem=strict)
+        isolation = "userns"
+        os.chmod(workdir, 0o700)
+        argv = [os.path.join(_MOUNT_ROOT, "python", os.path.relpath(interpreter, prefix)), "-I", "-S", "main.py"]
+        home = os.path.expanduser("~")
+        own = [h for h in (home, os.environ.get("SELFDISTILL_CACHE")) if h and os.path.isabs(h) and h != "/"]
+        hidden = [str(Path(p).resolve()) for p in (*_DEFAULT_HIDE, *own, *hide)]
+        preexec = _isolating_preexec(None, prefix, hidden, cpu, mem, fsize, workdir=str(workdir))
     else:
         isolation = "rlimits"
-        notes.append("not root: no network namespace, no hidden paths, RLIMIT_NPROC not applied")
+        notes.append(f"not root and no user namespaces ({_userns_problem()}): no network namespace, no hidden paths, "
+                     "RLIMIT_NPROC not applied")
         argv = [interpreter, "-I", "-S", "main.py"]
         preexec = lambda: _set_limits(cpu, mem, fsize)  # noqa: E731
     start = time.monotonic()

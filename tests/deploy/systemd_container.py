@@ -79,7 +79,14 @@ Requires=systemd-journald.socket
 After=systemd-journald.socket
 UNIT
 export container=selfdistill-test
-exec chroot "$R" /lib/systemd/systemd --unit=selfdistill-test.target
+# pivot_root, not chroot: inside a chroot the kernel refuses user namespaces (EPERM), which the
+# code sandbox of an unprivileged daemon needs
+mkdir "$R/.old-root"
+cd "$R"
+pivot_root . .old-root
+umount -l /.old-root
+rmdir /.old-root
+exec /lib/systemd/systemd --unit=selfdistill-test.target
 """
 
 
@@ -87,7 +94,7 @@ def unavailable() -> str | None:
     """Why a container cannot be made here, or None."""
     if os.geteuid() != 0:
         return "needs root (mount and PID namespaces, overlayfs, a cgroup of its own)"
-    for tool in ("unshare", "nsenter", "chroot"):
+    for tool in ("unshare", "nsenter", "pivot_root"):
         if shutil.which(tool) is None:
             return f"util-linux's {tool} is not installed"
     if not SYSTEMD.exists():

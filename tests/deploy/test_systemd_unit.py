@@ -8,7 +8,8 @@ journald holds its JSON lines, the state belongs to the service user, and a stop
 (exit 10) is not restarted; a warm stop (SIGTERM) mid-phase ends cleanly with no round left
 running; a wedged cycle makes the watchdog restart it; a missing or invalid policy file is one
 journal line and no restart loop, and so are code tasks, whose answers the sandbox cannot isolate
-under a service user. Skipped, with the reason, where no container can be made.
+under a service user without the shipped sandbox drop-in; with it, they are scored in the
+unprivileged (user-namespace) sandbox. Skipped, with the reason, where no container can be made.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _container_or_skip():
         pytest.skip(f"no systemd container here: {why}")
 
 
-def _sql(ct, query: str) -> list:
-    r = ct.sh(f"{PY} -c \"import json, sqlite3, sys; c = sqlite3.connect('file:{DB}?mode=ro', uri=True); "
+def _sql(ct, query: str, db: str = DB) -> list:
+    r = ct.sh(f"{PY} -c \"import json, sqlite3, sys; c = sqlite3.connect('file:{db}?mode=ro', uri=True); "
               f"print(json.dumps(c.execute(sys.stdin.read()).fetchall()))\"", input=query)
     return json.loads(r.stdout)
 
@@ -175,3 +176,21 @@ def _scenario(ct, tomli_w) -> None:
         assert st["ExecMainStatus"] == "2" and st["NRestarts"] == "0" and st["SubState"] != "auto-restart", (st, lines)
         assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
         ct.sh(f"systemctl reset-failed {UNIT} || true")
+
+    # 5. with the shipped sandbox drop-in, the same code tasks run: scored by the code verifier in
+    # the unprivileged (user-namespace) sandbox, inside the unit's own sandbox
+    ct.sh(f"install -D -m 0644 /opt/selfdistill/src/systemd/selfdistill-code-sandbox.conf /etc/systemd/system/{UNIT}.d/code-sandbox.conf"
+          " && systemctl daemon-reload")
+    ct.write("/etc/selfdistill/code.jsonl", "".join(json.dumps({"prompt": f"Write add{i}(a, b), returning a + b.", "verifier": "code",
+                                                                  "metadata": {"tests": [f"assert add{i}(1, 2) == 3"]}}) + "\n"
+                                                      for i in range(12)))
+    code = _policy("/opt/selfdistill/stage/model", max_rounds=1)
+    code["state_dir"] = "/var/lib/selfdistill/code"  # a state of its own (inside the unit's StateDirectory): only code tasks
+    code["tasks"]["sources"] = [{"type": "jsonl", "path": "/etc/selfdistill/code.jsonl"}]
+    ct.write("/etc/selfdistill/policy.toml", tomli_w.dumps(code))
+    _start(ct)
+    final = ct.wait_for("the code round", lambda: _ended(ct, "ExecMainStatus"), timeout=300, every=2)
+    assert final["ExecMainStatus"] == "10" and final["NRestarts"] == "0", (final, _journal(ct, this_run=True)[-20:])
+    isolations = _sql(ct, "SELECT DISTINCT json_extract(details, '$.isolation') FROM scores WHERE scorer = 'verifier:code'",
+                      db="/var/lib/selfdistill/code/selfdistill.db")
+    assert isolations == [["userns"]], isolations

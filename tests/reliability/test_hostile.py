@@ -186,7 +186,7 @@ ESCAPES = {
     "fork_bomb": "import os\nwhile True:\n    os.fork()\n",
     "infinite_loop": "while True:\n    pass\n",
     "memory_hog": "x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n",
-    "write_outside": "open('/root/selfdistill-sandbox-escape', 'w').write('pwned')\nopen('{outside}/escaped', 'w').write('pwned')\n",
+    "write_outside": "open('{outside}/escaped', 'w').write('pwned')\nopen('/root/selfdistill-sandbox-escape', 'w').write('pwned')\n",
     "read_state_db": "print(open('{db}', 'rb').read(16))\n",
     "list_state_dir": "import os\nprint(os.listdir('{state}'))\n",
     "socket": "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'pwned')\nprint('connected')\n",
@@ -254,6 +254,78 @@ def test_sandbox_escape_attempts_fail_inside_and_the_caller_is_unharmed(state_ro
         assert not [u for u in left if int(u) >= 3_000_000], "a sandboxed process outlived the run"
     ok = run_python("print(6 * 7)", timeout_s=5.0)
     assert ok.ok and ok.stdout.strip() == "42", ok
+
+
+NOBODY = 65534
+SYSTEM_PYTHON = Path("/usr/bin/python3.11")
+_DRIVER = """
+import dataclasses, json, sys
+sys.path.insert(0, sys.argv[1])
+from selfdistill.scoring.sandbox import isolation_unavailable, run_python
+assert isolation_unavailable() is None, isolation_unavailable()
+res = run_python(sys.stdin.read(), timeout_s=3.0, memory_mb=256, hide=[sys.argv[2]])
+print(json.dumps(dataclasses.asdict(res)))
+"""
+
+
+@pytest.fixture(scope="module")
+def unprivileged_package(tmp_path_factory):
+    """The package where an unprivileged user can read it (pytest's temp tree and a checkout
+    under /root are root's alone), and the system python, which lives outside /root too."""
+    if os.geteuid() != 0 or not SYSTEM_PYTHON.exists() or shutil.which("setpriv") is None:
+        pytest.skip("needs root, setpriv and /usr/bin/python3.11 to run the sandbox as an unprivileged daemon")
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="selfdistill-userns-", dir="/var/tmp"))
+    top.chmod(0o755)
+    shutil.copytree(Path(__file__).resolve().parents[2] / "selfdistill", top / "selfdistill",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d, _, files in os.walk(top):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", sorted(ESCAPES))
+def test_sandbox_escape_attempts_fail_under_an_unprivileged_daemon(state_root, name, listener, unprivileged_package):
+    """The same escapes with the daemon as an ordinary user (the systemd unit's case): the sandbox
+    is made of user namespaces then, and the code's files are the daemon's own uid outside, so
+    the daemon's own writable directory beside the state must stay out of its reach too."""
+    import json
+
+    state = state_root / "state"
+    state.mkdir(mode=0o700)
+    (state / "selfdistill.db").write_bytes(b"SQLite format 3\x00secret rows")
+    outside = state_root / "outside"  # the daemon's own files, writable by it, beside the state
+    outside.mkdir(mode=0o755)
+    (state / "tmp").mkdir(mode=0o700)  # the daemon's TMPDIR: the sandbox's workdir is made there
+    for path in (state_root, state, outside, state / "selfdistill.db", state / "tmp"):
+        os.chown(path, NOBODY, NOBODY)
+    code = ESCAPES[name].format(outside=outside, db=state / "selfdistill.db", state=state, port=listener.getsockname()[1])
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(state), "TMPDIR": str(state / "tmp")}  # the unit's: HOME is the state
+    r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(SYSTEM_PYTHON), "-c", _DRIVER,
+                        str(unprivileged_package), str(state)], input=code, capture_output=True, text=True, timeout=60,
+                       cwd=str(state_root), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["isolation"] == "userns", res
+    if name == "list_state_dir":
+        assert res["stdout"].strip() == "[]", res
+    else:
+        assert not (res["returncode"] == 0 and not res["timed_out"]), res
+    assert res["duration_s"] < 15, res
+    assert "secret rows" not in res["stdout"] and "selfdistill.db" not in res["stdout"]
+    assert not (outside / "escaped").exists() and not (outside / "shell").exists()
+    assert not Path("/root/selfdistill-sandbox-escape").exists()
+    try:
+        conn, _ = listener.accept()
+        conn.close()
+        connected = True
+    except (socket.timeout, BlockingIOError):
+        connected = False
+    assert not connected, "the sandboxed code reached a socket on loopback"
 
 
 def test_sandbox_hides_a_state_dir_under_tmp(tmp_path):

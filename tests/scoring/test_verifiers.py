@@ -142,9 +142,9 @@ def test_code_verifier_single_string_tests_and_missing_tests():
 
 
 def test_code_answers_are_not_run_where_the_sandbox_cannot_isolate_them(monkeypatch, tmp_path):
-    """A daemon that is not root (a systemd unit's user) would run model-written code as itself,
-    with its database and the network in reach: refused at start, and by the verifier, unless
-    the policy accepts rlimits alone."""
+    """A daemon that is not root and cannot make user namespaces (a systemd unit without the
+    sandbox drop-in) would run model-written code as itself, with its database and the network in
+    reach: refused at start, and by the verifier, unless the policy accepts rlimits alone."""
     import os
 
     from sd_testutil import tiny_policy_data
@@ -152,10 +152,13 @@ def test_code_answers_are_not_run_where_the_sandbox_cannot_isolate_them(monkeypa
     from selfdistill.config import parse_policy as policy_from_dict
     from selfdistill.errors import PolicyError
     from selfdistill.operations import check_code_sandbox
+    from selfdistill.scoring import sandbox
     from selfdistill.store import Store
 
     monkeypatch.setattr(os, "geteuid", lambda: 999)
-    with pytest.raises(VerifierError, match=r"^code answers are not run: the daemon runs as uid 999, not root: .* "
+    monkeypatch.setattr(sandbox, "_userns_problem", lambda: "unshare(CLONE_NEWUSER): Operation not permitted")
+    with pytest.raises(VerifierError, match=r"^code answers are not run: the daemon runs as uid 999, not root, and cannot "
+                                              r"create user namespaces \(unshare\(CLONE_NEWUSER\): Operation not permitted\).* "
                                               r"set scoring.code_sandbox = \"rlimits\""):
         resolve_verifier(T(**CODE_TASK), "auto", ScoringConfig())("def add(a, b): return a + b", T(**CODE_TASK))
 
@@ -166,7 +169,7 @@ def test_code_answers_are_not_run_where_the_sandbox_cannot_isolate_them(monkeypa
         policy = policy_from_dict(data)
         check_code_sandbox(policy, store)  # no code task: nothing to refuse
         store.add_tasks([T(**CODE_TASK), T(prompt="Say 4.")], 0.0)
-        with pytest.raises(PolicyError, match=r"^1 task\(s\) use the code verifier, and the daemon runs as uid 999, not root"):
+        with pytest.raises(PolicyError, match=r"^1 task\(s\) use the code verifier, and the daemon runs as uid 999, not root, and cannot"):
             check_code_sandbox(policy, store)
         data["tasks"]["default_verifier"] = "code"  # the task without a verifier of its own is a code task too
         with pytest.raises(PolicyError, match=r"^2 task\(s\) use the code verifier"):
