@@ -132,13 +132,18 @@ def _write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _enter_user_namespace(libc, flags: int, inner: int, outer: int, outer_gid: int) -> None:
-    """unshare(CLONE_NEWUSER | flags) and map `inner` (uid and gid) to the caller's `outer` ids."""
+def _id_maps(inner: int, outer_uid: int, outer_gid: int) -> tuple[bytes, bytes]:
+    """The uid_map and gid_map lines mapping `inner` to the caller's ids (made in the parent: see below)."""
+    return f"{inner} {outer_uid} 1".encode(), f"{inner} {outer_gid} 1".encode()
+
+
+def _enter_user_namespace(libc, flags: int, maps: tuple[bytes, bytes]) -> None:
+    """unshare(CLONE_NEWUSER | flags) and write the namespace's id maps."""
     if libc.unshare(_CLONE_NEWUSER | flags) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
     _write("/proc/self/setgroups", b"deny")
-    _write("/proc/self/uid_map", f"{inner} {outer} 1".encode())
-    _write("/proc/self/gid_map", f"{inner} {outer_gid} 1".encode())
+    _write("/proc/self/uid_map", maps[0])
+    _write("/proc/self/gid_map", maps[1])
 
 
 class _MountAttr(ctypes.Structure):
@@ -171,7 +176,7 @@ def _isolating_preexec(uid: int | None, prefix: str, hide: list[str], cpu_s: int
     held at fork time: libc is loaded and every path encoded here, in the parent.
     """
     libc = _libc()
-    outer_uid, outer_gid = os.getuid(), os.getgid()
+    first_maps, nested_maps = _id_maps(0, os.getuid(), os.getgid()), _id_maps(_USERNS_INNER_UID, 0, 0)
     tmp, py_root, work = _MOUNT_ROOT.encode(), os.path.join(_MOUNT_ROOT, "python").encode(), _WORK.encode()
     prefix_b = prefix.encode()
     # paths under /tmp vanish with the /tmp tmpfs already (and cannot be mounted over once it is there)
@@ -185,7 +190,7 @@ def _isolating_preexec(uid: int | None, prefix: str, hide: list[str], cpu_s: int
 
     def pre() -> None:
         if uid is None:  # root of a user namespace of our own: enough to make the mounts below
-            _enter_user_namespace(libc, _CLONE_NEWNS | _CLONE_NEWNET, 0, outer_uid, outer_gid)
+            _enter_user_namespace(libc, _CLONE_NEWNS | _CLONE_NEWNET, first_maps)
         elif libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare")
         _mount(libc, b"none", b"/", None, _MS_REC | _MS_PRIVATE)
@@ -210,7 +215,7 @@ def _isolating_preexec(uid: int | None, prefix: str, hide: list[str], cpu_s: int
         if uid is None:
             # a second user namespace, as an ordinary uid: exec drops every capability, and the
             # mounts above, made in the first, are locked (this one owns no mount namespace)
-            _enter_user_namespace(libc, 0, _USERNS_INNER_UID, 0, 0)
+            _enter_user_namespace(libc, 0, nested_maps)
         else:
             os.setgroups([])
             os.setgid(uid)
