@@ -97,3 +97,25 @@ def test_systemd_unit_verifies(tmp_path):
     unit.write_text("\n".join(lines) + "\n")
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
+def test_a_daemon_with_a_key_file_open_to_others_refuses_to_start(tmp_path, tiny_model_dir):
+    """One line and exit 2 at start (the systemd unit does not restart exit 2), not a teacher that
+    fails at its first call round after round."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sd_testutil import run_cli, tiny_policy_data, write_policy
+
+    key = tmp_path / "teacher.key"
+    key.write_text("sk-test-SECRET-1234567890\n")
+    key.chmod(0o644)
+    data = tiny_policy_data(tiny_model_dir, engine="transformers")
+    data["teacher"] = {"kind": "openai", "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_file": str(key)}}
+    policy = write_policy(tmp_path / "p.toml", data)
+    r = run_cli("run", str(policy), "--burst", "--max-rounds", "1", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: teacher.endpoint.api_key_file: ") and "open to other users (mode 644)" in lines[-1], lines
+    assert "SECRET" not in r.stderr
+    assert '"round started"' not in r.stderr  # refused before any round
