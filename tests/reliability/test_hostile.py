@@ -9,6 +9,7 @@ from a real one, because their damage is easier to read as code than as a binary
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -214,28 +215,27 @@ def listener():
     s.close()
 
 
-@pytest.mark.parametrize("name", sorted(ESCAPES))
-def test_sandbox_escape_attempts_fail_inside_and_the_caller_is_unharmed(state_root, name, listener):
-    from selfdistill.scoring.sandbox import run_python
-
+def _escape(state_root: Path, name: str, listener) -> tuple[Path, Path, str]:
+    """(a state directory holding a database, a directory of the daemon's own beside it, the
+    escape's code aimed at them and at the listener)."""
     state = state_root / "state"
     state.mkdir(mode=0o700)
     (state / "selfdistill.db").write_bytes(b"SQLite format 3\x00secret rows")
-    outside = state_root / "outside"  # the daemon's own (root-owned) files beside the state
+    outside = state_root / "outside"
     outside.mkdir(mode=0o755)
     code = ESCAPES[name].format(outside=outside, db=state / "selfdistill.db", state=state, port=listener.getsockname()[1])
-    import resource
+    return state, outside, code
 
-    limits = [resource.getrlimit(r) for r in (resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE)]
-    uid = os.getuid()
-    res = run_python(code, timeout_s=3.0, memory_mb=256, hide=[state])
+
+def _assert_contained(name: str, res: dict, outside: Path, listener) -> None:
+    """The escape failed inside (a SandboxResult as a dict): nothing read, written or reached."""
     if name == "list_state_dir":
-        assert res.stdout.strip() == "[]", res  # the state directory is there, and empty
+        assert res["stdout"].strip() == "[]", res  # the state directory is there, and empty
     else:  # it failed inside: a non-zero exit or the timeout, never a clean success
-        assert not res.ok, res
-    assert res.duration_s < 15, res
-    assert "SQLite format 3" not in res.stdout and "secret rows" not in res.stdout
-    assert "selfdistill.db" not in res.stdout
+        assert not (res["returncode"] == 0 and not res["timed_out"]), res
+    assert res["duration_s"] < 15, res
+    assert "SQLite format 3" not in res["stdout"] and "secret rows" not in res["stdout"]
+    assert "selfdistill.db" not in res["stdout"]
     assert not (outside / "escaped").exists() and not (outside / "shell").exists()
     assert not Path("/root/selfdistill-sandbox-escape").exists()
     try:
@@ -245,6 +245,19 @@ def test_sandbox_escape_attempts_fail_inside_and_the_caller_is_unharmed(state_ro
     except (socket.timeout, BlockingIOError):
         connected = False
     assert not connected, "the sandboxed code reached a socket on loopback"
+
+
+@pytest.mark.parametrize("name", sorted(ESCAPES))
+def test_sandbox_escape_attempts_fail_inside_and_the_caller_is_unharmed(state_root, name, listener):
+    from selfdistill.scoring.sandbox import run_python
+
+    state, outside, code = _escape(state_root, name, listener)  # outside: the daemon's own (root-owned) files
+    import resource
+
+    limits = [resource.getrlimit(r) for r in (resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE)]
+    uid = os.getuid()
+    res = run_python(code, timeout_s=3.0, memory_mb=256, hide=[state])
+    _assert_contained(name, dataclasses.asdict(res), outside, listener)
     # the caller is unharmed: its limits and uid untouched, it can still fork, no sandbox process left
     assert [resource.getrlimit(r) for r in (resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE)] == limits
     assert os.getuid() == uid
@@ -295,15 +308,10 @@ def test_sandbox_escape_attempts_fail_under_an_unprivileged_daemon(state_root, n
     the daemon's own writable directory beside the state must stay out of its reach too."""
     import json
 
-    state = state_root / "state"
-    state.mkdir(mode=0o700)
-    (state / "selfdistill.db").write_bytes(b"SQLite format 3\x00secret rows")
-    outside = state_root / "outside"  # the daemon's own files, writable by it, beside the state
-    outside.mkdir(mode=0o755)
+    state, outside, code = _escape(state_root, name, listener)  # outside: the daemon's own files, writable by it
     (state / "tmp").mkdir(mode=0o700)  # the daemon's TMPDIR: the sandbox's workdir is made there
     for path in (state_root, state, outside, state / "selfdistill.db", state / "tmp"):
         os.chown(path, NOBODY, NOBODY)
-    code = ESCAPES[name].format(outside=outside, db=state / "selfdistill.db", state=state, port=listener.getsockname()[1])
     env = {"PATH": "/usr/bin:/bin", "HOME": str(state), "TMPDIR": str(state / "tmp")}  # the unit's: HOME is the state
     r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(SYSTEM_PYTHON), "-c", _DRIVER,
                         str(unprivileged_package), str(state)], input=code, capture_output=True, text=True, timeout=60,
@@ -311,21 +319,7 @@ def test_sandbox_escape_attempts_fail_under_an_unprivileged_daemon(state_root, n
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["isolation"] == "userns", res
-    if name == "list_state_dir":
-        assert res["stdout"].strip() == "[]", res
-    else:
-        assert not (res["returncode"] == 0 and not res["timed_out"]), res
-    assert res["duration_s"] < 15, res
-    assert "secret rows" not in res["stdout"] and "selfdistill.db" not in res["stdout"]
-    assert not (outside / "escaped").exists() and not (outside / "shell").exists()
-    assert not Path("/root/selfdistill-sandbox-escape").exists()
-    try:
-        conn, _ = listener.accept()
-        conn.close()
-        connected = True
-    except (socket.timeout, BlockingIOError):
-        connected = False
-    assert not connected, "the sandboxed code reached a socket on loopback"
+    _assert_contained(name, res, outside, listener)
 
 
 def test_sandbox_hides_a_state_dir_under_tmp(tmp_path):
