@@ -186,7 +186,7 @@ def _isolating_preexec(uid: int | None, prefix: str, hide: list[str], cpu_s: int
             hidden.append(h.encode())
     ro = _MS_RDONLY | _MS_NOSUID | _MS_NODEV
     readonly, writable = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY), _MountAttr(attr_clr=_MOUNT_ATTR_RDONLY)
-    work_flags = 0 if probe else _bind_flags(workdir)
+    work_flags = _bind_flags(workdir) if uid is None and not probe else 0  # only a user namespace remounts it
 
     def pre() -> None:
         if uid is None:  # root of a user namespace of our own: enough to make the mounts below
@@ -266,29 +266,27 @@ def run_python(
     prefix = os.path.realpath(sys.base_prefix)
     notes: list[str] = []
     uid = None
-    if os.geteuid() == 0:
-        isolation = "namespaces"
-        uid = _UID_BASE + (os.getpid() % 10_000) * 100 + next(_uid_counter) % 100
-        os.chown(workdir, uid, uid)
-        os.chown(workdir / "main.py", uid, uid)
-        os.chmod(workdir, 0o700)
+    if os.geteuid() == 0 or _userns_problem() is None:
         if not interpreter.startswith(prefix + os.sep):
             raise RuntimeError(f"{interpreter}: interpreter is not under sys.base_prefix {prefix}; the sandbox cannot mount it")
         argv = [os.path.join(_MOUNT_ROOT, "python", os.path.relpath(interpreter, prefix)), "-I", "-S", "main.py"]
-        hidden = [str(Path(p).resolve()) for p in (*_DEFAULT_HIDE, *hide)]
-        preexec = _isolating_preexec(uid, prefix, hidden, cpu, mem, fsize)
-    elif _userns_problem() is None:
-        # not root: the same namespaces and mounts from a user namespace of the sandbox's own, the
-        # code then an ordinary uid of a second one. Its files are the daemon's uid outside, so the
-        # daemon's home and cache are hidden as well as `hide`; under the systemd unit every other
-        # path is read-only to it (ProtectSystem=strict)
-        isolation = "userns"
+        own: list[str] = []
+        if os.geteuid() == 0:
+            isolation = "namespaces"
+            uid = _UID_BASE + (os.getpid() % 10_000) * 100 + next(_uid_counter) % 100
+            os.chown(workdir, uid, uid)
+            os.chown(workdir / "main.py", uid, uid)
+        else:
+            # not root: the same namespaces and mounts from a user namespace of the sandbox's own, the
+            # code then an ordinary uid of a second one. Its files are the daemon's uid outside, so the
+            # daemon's home and cache are hidden as well as `hide`; under the systemd unit every other
+            # path is read-only to it (ProtectSystem=strict)
+            isolation = "userns"
+            home = os.path.expanduser("~")
+            own = [h for h in (home, os.environ.get("SELFDISTILL_CACHE")) if h and os.path.isabs(h) and h != "/"]
         os.chmod(workdir, 0o700)
-        argv = [os.path.join(_MOUNT_ROOT, "python", os.path.relpath(interpreter, prefix)), "-I", "-S", "main.py"]
-        home = os.path.expanduser("~")
-        own = [h for h in (home, os.environ.get("SELFDISTILL_CACHE")) if h and os.path.isabs(h) and h != "/"]
         hidden = [str(Path(p).resolve()) for p in (*_DEFAULT_HIDE, *own, *hide)]
-        preexec = _isolating_preexec(None, prefix, hidden, cpu, mem, fsize, workdir=str(workdir))
+        preexec = _isolating_preexec(uid, prefix, hidden, cpu, mem, fsize, workdir=str(workdir))
     else:
         isolation = "rlimits"
         notes.append(f"not root and no user namespaces ({_userns_problem()}): no network namespace, no hidden paths, "
