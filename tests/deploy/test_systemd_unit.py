@@ -77,7 +77,6 @@ def test_the_unit_runs_under_a_real_systemd(tmp_path, tiny_model_dir):
     _container_or_skip()
     import shutil
 
-    import tomli_w
     from systemd_container import Container
 
     stage = tmp_path / "stage"
@@ -86,13 +85,15 @@ def test_the_unit_runs_under_a_real_systemd(tmp_path, tiny_model_dir):
         f.chmod(0o755 if f.is_dir() else 0o644)
     with Container(stage, ROOT) as ct:
         try:
-            _scenario(ct, tomli_w)
+            _scenario(ct)
         except AssertionError as e:  # what the service said is what explains a failure here
             tail = ct.sh(f"journalctl --no-pager -n 60 -u {UNIT}", check=False).stdout
             raise AssertionError(f"{e}\n--- the unit's journal, last 60 lines ---\n{tail}") from None
 
 
-def _scenario(ct, tomli_w) -> None:
+def _scenario(ct) -> None:
+    import tomli_w
+
     # the README's install, inside the container
     ct.sh("useradd --system --home /var/lib/selfdistill --shell /usr/sbin/nologin selfdistill")
     ct.sh(f"cp /opt/selfdistill/src/systemd/{UNIT} /etc/systemd/system/ && mkdir -p /etc/selfdistill")
