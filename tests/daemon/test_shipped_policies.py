@@ -30,9 +30,12 @@ POLICIES = sorted((ROOT / "policies").glob("*.toml"))
 TEACHER_POLICIES = {"teacher-openai.toml", "open-teacher-judge.toml"}
 # a judge the tiny model is asked to be: it cannot pass its anchor check, so these train on nothing
 SELF_JUDGED = {"open-self-judge.toml"}
+# programming tasks, scored by running the program against the task's tests in the code sandbox:
+# a model of random weights writes no program that compiles, so these score but train on nothing
+CODE_TASKS = {"code-tests.toml"}
 # The policies shipped today, by name: the glob must find each (a moved directory or a renamed file
 # would otherwise run none of them and pass); a new file is still picked up without being named.
-SHIPPED = {"cpu-demo.toml", "cpu-distill.toml", "gpu.toml", "gpu-teacher.toml", "jsonl-verifier.toml", "teacher-openai.toml",
+SHIPPED = {"code-tests.toml", "cpu-demo.toml", "cpu-distill.toml", "gpu.toml", "gpu-teacher.toml", "jsonl-verifier.toml", "teacher-openai.toml",
            "open-teacher-judge.toml", "open-self-judge.toml"}
 README_COMMANDS_ON = "jsonl-verifier.toml"  # the README's command table runs on this one's state
 
@@ -153,6 +156,8 @@ def test_shipped_policy_runs_its_own_settings(policy_file, tmp_path, tiny_model_
     rounds = [dict(r) for r in con.execute("SELECT * FROM rounds ORDER BY id")]
     if policy_file.name in SELF_JUDGED:
         return _refused_self_judge(con, rounds)
+    if policy_file.name in CODE_TASKS:
+        return _code_scored(con, rounds, json.loads(run_cli("status", str(policy), "--json", cwd=tmp_path, env=env).stdout))
     assert [r["decision"] for r in rounds[:2]] == ["skip", "fail"], rounds
     assert "test hook: round skipped" in rounds[0]["reasons"] and "test hook: round failed" in rounds[1]["reasons"]
     # the round after the skip generated on the engine the skip had released, and so did the next
@@ -218,6 +223,26 @@ def _refused_self_judge(con, rounds: list[dict]) -> None:
     counts = [json.loads(r[0]) for r in con.execute("SELECT counts FROM phases WHERE phase = 'score'")]
     assert counts and all(c["unscored_tasks"] > 0 for c in counts), counts
     con.close()
+
+
+def _code_scored(con, rounds: list[dict], status: dict) -> None:
+    """The tiny student on programming tasks: every answer ran in the sandbox, isolated (never with
+    rlimits alone), against its task's own tests; none passes, so no SFT row or pair is made and
+    the round after the test hook's skip and fail skips training for want of data, saying so."""
+    assert [r["decision"] for r in rounds[:3]] == ["skip", "fail", "skip"], rounds
+    assert "0 SFT examples" in rounds[2]["reasons"] and "0 pairs" in rounds[2]["reasons"], rounds[2]
+    assert not [r for r in rounds if r["status"] == "running"], rounds
+    scores = [(r[0], json.loads(r[1])) for r in con.execute("SELECT scorer, details FROM scores")]
+    n_gen = con.execute("SELECT count(*) FROM generations").fetchone()[0]
+    assert scores and len(scores) == n_gen, (len(scores), n_gen)
+    assert {s for s, _ in scores} == {"verifier:code"}, {s for s, _ in scores}
+    assert {d["isolation"] for _, d in scores} <= {"namespaces", "userns"}, {d["isolation"] for _, d in scores}
+    assert all(d["total"] >= 2 and d["passed"] == 0 for _, d in scores)
+    assert sum(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("pairs", "sft_examples")) == 0
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    # no candidate, so nothing was evaluated; the daemon stopped by its policy, not on an error
+    assert status["base_metrics"] is None and status["stopped_reason"], status
 
 
 def readme_commands() -> list[str]:
