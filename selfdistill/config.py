@@ -93,6 +93,9 @@ class EngineConfig(_Model):
     max_loras: int = Field(2, ge=1, description="vLLM: adapters resident at once.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (none: library default).")
     batch_size: int = Field(32, ge=1, description="transformers engine: sequences per generate batch.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="transformers engine: where the model runs ('auto': the GPU when torch sees one). "
+        "vLLM picks its own device (its build's).")
     release_for_training: Literal["auto", "sleep", "restart", "keep"] = Field(
         "auto",
         description="How the engine frees memory before a training round: vLLM sleep mode, a clean "

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from sd_testutil import ROOT
 
 
@@ -81,3 +82,20 @@ def test_self_judge_benchmark_runs(tmp_path, tiny_model_dir):
     for split in ("gate", "audit"):
         assert set(res["results"][split]) == {"base", "verifier", "self"} and res["results"][split]["base"]["n"] > 0
     assert "| self |" in (tmp_path / "out" / "self_judge.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_steps_on_cpu(tmp_path, tiny_model_dir):
+    """benchmarks/gpu_check.py, which gpu_check.sh runs on a GPU, with --device cpu: every step (the
+    transformers engine with its release and resume, a training round through the child, the vLLM
+    engine with the trained adapter and both release modes) runs and reports the device it ran on."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--model", str(tiny_model_dir),
+                        "--dtype", "float32", "--out", str(tmp_path / "check.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    res = json.loads((tmp_path / "check.json").read_text())
+    assert res["transformers"]["device"] == "cpu" and res["transformers"]["answers_after_resume"] == 1
+    assert res["training"]["device"] == "cpu" and res["training"]["sft_train_s"] > 0 and res["training"]["dpo_train_s"] > 0
+    for mode in ("sleep", "restart"):  # the CPU build has no sleep mode: a restart stands in, and says so
+        assert res["vllm"][mode]["mode"] == "restart" and res["vllm"][mode]["resume_s"] >= 0
+    assert "adapter_load_s" in res["vllm"]["sleep"]
+    assert r.stdout.count("| ok |") == 5, r.stdout  # model, env, transformers, training, vllm

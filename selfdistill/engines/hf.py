@@ -11,7 +11,15 @@ from typing import Sequence
 
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, TokenTopK, loaded_adapter
-from selfdistill.engines.local import ScoresGivenTokens, base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
+from selfdistill.engines.local import (
+    ScoresGivenTokens,
+    base_weight_shapes,
+    check_adapter_dir,
+    context_length,
+    free_device_memory,
+    render_all,
+    score_completions,
+)
 from selfdistill.errors import EngineError
 from selfdistill.models import check_model_dir, offline_env
 
@@ -30,6 +38,10 @@ class TransformersEngine(ScoresGivenTokens):
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise EngineError("engine.device = 'cuda' but torch sees no CUDA device: install the CUDA build of torch "
+                              "(pip install -e '.[gpu]'), or set engine.device = 'auto'")
+        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -40,7 +52,8 @@ class TransformersEngine(ScoresGivenTokens):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.cfg.dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.cfg.dtype).to(self.device).eval()
+        self.dtype = self.model.dtype
         for name, path in self._adapters.items():
             self._attach(name, path)
 
@@ -98,8 +111,8 @@ class TransformersEngine(ScoresGivenTokens):
             for s in range(0, len(rows), bs):
                 chunk = rows[s : s + bs]
                 width = max(len(x) for _, x in chunk)
-                inp = torch.tensor([[self.pad_id] * (width - len(x)) + x for _, x in chunk])
-                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x in chunk])
+                inp = torch.tensor([[self.pad_id] * (width - len(x)) + x for _, x in chunk], device=self.device)
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x in chunk], device=self.device)
                 kw = {"tokenizer": self.tokenizer} if params.stop else {}
                 out = self.model.generate(input_ids=inp, attention_mask=mask, generation_config=gcfg, **kw)
                 gen = out.sequences[:, width:].tolist()
@@ -147,16 +160,16 @@ class TransformersEngine(ScoresGivenTokens):
             for s in range(0, len(full), bs):
                 chunk, hs = full[s : s + bs], heads[s : s + bs]
                 width = max(len(f) for f in chunk)
-                inp = torch.tensor([f + [self.pad_id] * (width - len(f)) for f in chunk])
-                mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in chunk])
+                inp = torch.tensor([f + [self.pad_id] * (width - len(f)) for f in chunk], device=self.device)
+                mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in chunk], device=self.device)
                 logp = torch.log_softmax(self.model(input_ids=inp, attention_mask=mask).logits.float(), -1)
                 for b, (f, h) in enumerate(zip(chunk, hs)):
                     if len(f) == len(h):
                         res.append(TokenTopK([], [], []))
                         continue
                     # the token at position j is predicted by the logits at j - 1
-                    rows = logp[b, torch.arange(len(h), len(f)) - 1]
-                    given = rows.gather(-1, torch.tensor(f[len(h):], dtype=torch.long).unsqueeze(-1)).squeeze(-1).tolist()
+                    rows = logp[b, torch.arange(len(h), len(f), device=self.device) - 1]
+                    given = rows.gather(-1, torch.tensor(f[len(h):], dtype=torch.long, device=self.device).unsqueeze(-1)).squeeze(-1).tolist()
                     if k:
                         top = rows.topk(min(k, rows.shape[-1]), dim=-1)
                         res.append(TokenTopK(given, top.indices.tolist(), top.values.tolist()))
@@ -185,6 +198,7 @@ class TransformersEngine(ScoresGivenTokens):
             return
         self.model = None
         gc.collect()
+        free_device_memory("transformers")
 
     def resume(self) -> None:
         if self.model is None:
@@ -193,3 +207,4 @@ class TransformersEngine(ScoresGivenTokens):
     def close(self) -> None:
         self.model = None
         gc.collect()
+        free_device_memory("transformers")

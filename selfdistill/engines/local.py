@@ -8,6 +8,7 @@ Imports only the standard library and safetensors' header reader; the tokenizer 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -133,6 +134,39 @@ def random_lora(model_dir: str | Path, out: str | Path, seed: int, r: int = 8, s
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(str(out))
     return Path(out)
+
+
+# What a released engine may still hold on the device before the release counts as a leak: the
+# CUDA context and library workspaces stay while the process lives; weights and caches must not.
+DEVICE_LEAK_MIB = 256
+
+
+def free_device_memory(engine: str) -> dict | None:
+    """After an engine dropped its model: hand the CUDA caching allocator's free blocks back to the
+    device and check that they went, logging the figures (and a warning when more than
+    DEVICE_LEAK_MIB is still allocated: something kept a reference to the weights). None where this
+    process never used CUDA (torch not imported, or CUDA never initialised: it is not started here)."""
+    import gc
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    gc.collect()
+    reserved = torch.cuda.memory_reserved()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    figures = {"engine": engine, "reserved_before_mib": round(reserved / 2**20),
+               "reserved_after_mib": round(torch.cuda.memory_reserved() / 2**20),
+               "allocated_mib": round(torch.cuda.memory_allocated() / 2**20), "device_free_mib": round(free / 2**20),
+               "device_total_mib": round(total / 2**20)}
+    from selfdistill.logs import log
+
+    if figures["allocated_mib"] > DEVICE_LEAK_MIB:
+        log("device memory not returned after the engine's release", logging.WARNING, **figures)
+    else:
+        log("device memory returned", **figures)
+    return figures
 
 
 class ScoresGivenTokens:

@@ -27,7 +27,15 @@ from typing import Sequence
 
 from selfdistill.config import EngineConfig
 from selfdistill.engines.base import AdapterRef, Completion, Prompt, SamplingParams, TokenTopK, loaded_adapter
-from selfdistill.engines.local import ScoresGivenTokens, base_weight_shapes, check_adapter_dir, context_length, render_all, score_completions
+from selfdistill.engines.local import (
+    ScoresGivenTokens,
+    base_weight_shapes,
+    check_adapter_dir,
+    context_length,
+    free_device_memory,
+    render_all,
+    score_completions,
+)
 from selfdistill.errors import EngineError
 from selfdistill.models import check_model_dir
 
@@ -243,6 +251,7 @@ class VLLMEngine(ScoresGivenTokens):
         elif self.llm is not None:
             self._shutdown()
         self._released = True
+        free_device_memory("vllm")  # a restart's weights and KV cache, or what sleep mode left in torch's cache
 
     def resume(self) -> None:
         if not self._released:
@@ -263,6 +272,7 @@ class VLLMEngine(ScoresGivenTokens):
     def close(self) -> None:
         if self.llm is not None:
             self._shutdown()
+            free_device_memory("vllm")
         self._released = True
         for name in list(self._adapters):
             self.drop_adapter(name)

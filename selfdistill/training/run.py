@@ -382,6 +382,9 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
         t = time.monotonic()
         tok, model = load_model(spec)
         metrics["load_s"] = round(time.monotonic() - t, 3)
+        # where the trainers will put it (they move the model to the GPU when torch sees one)
+        metrics["device"] = "cuda:0" if torch.cuda.is_available() else "cpu"
+        metrics["dtype"] = str(model.dtype).removeprefix("torch.")
         incumbent_snapshot = None
         if spec.incumbent_adapter_dir is not None and tc.reference == "incumbent" and "dpo" in todo:
             incumbent_snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
@@ -452,6 +455,9 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
     except RoundFailed as e:
         status, reason, adapter = "failed", str(e), None
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        metrics["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     metrics["duration_s"] = round(time.monotonic() - started, 3)
     return TrainingResult(status=status, reason=reason, metrics=metrics, stages=stages, adapter_dir=adapter)
 

@@ -125,6 +125,32 @@ def test_release_and_resume(tiny_engine, adapters):
     tiny_engine.drop_adapter("kept")
 
 
+def test_a_release_on_cpu_leaves_cuda_alone(hf_tiny):
+    """Releasing and resuming checks the device memory only where this process used CUDA: on a
+    machine without one it must not start CUDA (nor fail asking for figures it cannot have)."""
+    import torch
+
+    from selfdistill.engines.local import free_device_memory
+
+    assert str(hf_tiny.device) == ("cuda" if torch.cuda.is_available() else "cpu")
+    hf_tiny.release()
+    hf_tiny.resume()
+    if not torch.cuda.is_available():
+        assert free_device_memory("transformers") is None and not torch.cuda.is_initialized()
+
+
+def test_cuda_asked_for_without_a_gpu_is_refused_in_one_line(tiny_dir):
+    import torch
+
+    from selfdistill.engines.hf import TransformersEngine
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(EngineError, match=r"engine.device = 'cuda' but torch sees no CUDA device: install the CUDA build") as e:
+        TransformersEngine(tiny_dir, EngineConfig(kind="transformers", device="cuda"), seed=0)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("kind", [pytest.param("vllm", marks=pytest.mark.vllm), "transformers"])
 def test_bad_model_dirs(kind, tmp_path, engine_cache):
     from selfdistill.engines import make_engine
