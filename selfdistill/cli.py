@@ -58,9 +58,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             policy = load_policy(path)
             from selfdistill.gates import gate_can_pass
+            from selfdistill.operations import check_teacher_key
             from selfdistill.scoring.anchors import check_policy_anchors
 
             check_policy_anchors(policy, path)
+            check_teacher_key(policy)
 
             problems = gate_can_pass(policy)
             if problems:

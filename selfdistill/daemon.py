@@ -30,7 +30,7 @@ from selfdistill.config import Policy, load_policy, reload_plan
 from selfdistill.cycle import Cycle, RunState, StopRequested, Waiting, is_disk_full
 from selfdistill.errors import PolicyError, SelfdistillError, StoppedByPolicy
 from selfdistill.logs import log
-from selfdistill.operations import check_code_sandbox, ingest_tasks, open_state
+from selfdistill.operations import check_code_sandbox, check_teacher_key, ingest_tasks, open_state
 from selfdistill.service import StateLock, prepare_state_dir, sd_notify, watchdog_interval_s
 from selfdistill.store import DB_NAME, Store
 
@@ -177,20 +177,6 @@ class Daemon:
             time.sleep(delay)
             delay = min(delay * 2, 60)
 
-    def _check_teacher_key(self) -> None:
-        """A teacher's API key file that is missing or open to other users refuses the start (exit 2,
-        one line), as a bad policy does, rather than the first teacher call."""
-        t = self.policy.teacher
-        if t is None or t.kind != "openai" or t.endpoint is None or t.endpoint.api_key_file is None:
-            return
-        from selfdistill.engines.openai_compat import read_api_key
-        from selfdistill.errors import EngineError
-
-        try:
-            read_api_key(t.endpoint)
-        except (EngineError, OSError) as e:
-            raise PolicyError(f"teacher.endpoint.api_key_file: {e}") from None
-
     def _check_teacher_tokenizer(self) -> None:
         """Distilling token log-probabilities needs the student's tokenizer in the teacher: refuse
         a mismatch at start (PolicyError, exit 2). A teacher server not up yet is checked at the
@@ -240,7 +226,7 @@ class Daemon:
 
                 metrics = MetricsServer(self.policy.state_dir / DB_NAME, self.policy.name, mon.prometheus_addr, mon.prometheus_port)
                 log("prometheus metrics", url=metrics.url)
-            self._check_teacher_key()
+            check_teacher_key(self.policy)
             self.cycle.recover()
             if "distill" in self.policy.training.stages():
                 self._check_teacher_tokenizer()

@@ -47,6 +47,21 @@ def check_code_sandbox(policy: Policy, store: Store) -> None:
         raise PolicyError(f"{n} task(s) use the code verifier, and {why}; {CODE_SANDBOX_FIX}")
 
 
+def check_teacher_key(policy: Policy) -> None:
+    """A teacher's API key file that is missing or open to other users: PolicyError (exit 2, one
+    line), at `check` and at the daemon's start rather than at the first teacher call."""
+    t = policy.teacher
+    if t is None or t.kind != "openai" or t.endpoint is None or t.endpoint.api_key_file is None:
+        return
+    from selfdistill.engines.openai_compat import read_api_key
+    from selfdistill.errors import EngineError
+
+    try:
+        read_api_key(t.endpoint)
+    except (EngineError, OSError) as e:
+        raise PolicyError(f"teacher.endpoint.api_key_file: {e}") from None
+
+
 def ingest_tasks(policy: Policy, store: Store) -> dict[str, Any]:
     """Read every non-expansion source into the store (idempotent by task key)."""
     from selfdistill.tasks.sources import load_source

@@ -119,3 +119,9 @@ def test_a_daemon_with_a_key_file_open_to_others_refuses_to_start(tmp_path, tiny
     assert lines[-1].startswith("error: teacher.endpoint.api_key_file: ") and "open to other users (mode 644)" in lines[-1], lines
     assert "SECRET" not in r.stderr
     assert '"round started"' not in r.stderr  # refused before any round
+    # `selfdistill check` says the same before anyone starts the daemon
+    c = run_cli("check", str(policy), cwd=tmp_path)
+    assert c.returncode == 2 and "teacher.endpoint.api_key_file: " in c.stderr and "open to other users" in c.stderr, c.stderr
+    assert "SECRET" not in c.stderr
+    key.chmod(0o600)
+    assert run_cli("check", str(policy), cwd=tmp_path).returncode == 0
