@@ -154,7 +154,8 @@ def _scenario(ct) -> None:
     assert "the cycle made no progress for a watchdog period" in journal, journal[-3000:]
     ct.sh(f"systemctl stop {UNIT}", timeout=120)
 
-    # 4. bad input: no policy file, an invalid one, code tasks it may not run: one line each, exit 2, no restart loop
+    # 4. bad input: no policy file, an invalid or unreadable one, code tasks it may not run, a state directory it may
+    # not write, a teacher key file open to others: one line each, exit 2 (3 for the state), no restart loop
     ct.sh(f"rm /etc/systemd/system/{UNIT}.d/test.conf && systemctl daemon-reload && systemctl reset-failed {UNIT} || true")
     invalid = _policy("/opt/selfdistill/stage/model")
     invalid["tasks"]["per_round"] = "many"
@@ -163,18 +164,36 @@ def _scenario(ct) -> None:
                                                         "metadata": {"tests": ["assert add(1, 2) == 3"]}}) + "\n")
     code = _policy("/opt/selfdistill/stage/model")
     code["tasks"]["sources"].append({"type": "jsonl", "path": "/etc/selfdistill/code.jsonl"})
-    for broken, expect in ((None, "no such policy file"), (tomli_w.dumps(invalid), "tasks.per_round"),
-                           (tomli_w.dumps(code), "1 task(s) use the code verifier, and the daemon runs as uid")):
+    # a state directory the unit may not write (ProtectSystem=strict: only its own is writable)
+    elsewhere = _policy("/opt/selfdistill/stage/model")
+    elsewhere["state_dir"] = "/var/lib/elsewhere"
+    # a teacher key file other users can read
+    ct.write("/etc/selfdistill/teacher.key", "sk-test\n")
+    ct.sh("chown selfdistill /etc/selfdistill/teacher.key && chmod 0644 /etc/selfdistill/teacher.key")
+    keyed = _policy("/opt/selfdistill/stage/model")
+    keyed["teacher"] = {"kind": "openai", "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "teacher",
+                                                       "api_key_file": "/etc/selfdistill/teacher.key"}}
+    keyed["scoring"] = {"teacher_label": True}
+    cases = ((None, "no such policy file", 2), (tomli_w.dumps(invalid), "tasks.per_round", 2),
+             ("unreadable", "cannot read the policy file (Permission denied)", 2),
+             (tomli_w.dumps(code), "1 task(s) use the code verifier, and the daemon runs as uid", 2),
+             (tomli_w.dumps(elsewhere), "/var/lib/elsewhere: state directory is not writable (no write access to /var/lib)", 3),
+             (tomli_w.dumps(keyed), "API key file is open to other users (mode 644): run `chmod 600", 2))
+    for broken, expect, status in cases:
         if broken is None:
             ct.sh("rm /etc/selfdistill/policy.toml")
+        elif broken == "unreadable":  # a valid policy only root may read
+            ct.write("/etc/selfdistill/policy.toml", tomli_w.dumps(_policy("/opt/selfdistill/stage/model")))
+            ct.sh("chown root:root /etc/selfdistill/policy.toml && chmod 0600 /etc/selfdistill/policy.toml")
         else:
             ct.write("/etc/selfdistill/policy.toml", broken)
+            ct.sh("chmod 0644 /etc/selfdistill/policy.toml")
         ct.sh(f"systemctl start {UNIT}", check=False, timeout=60)
         ct.wait_for("the refusal", lambda: _ended(ct), timeout=60)
         ct.sh("sleep 2")  # RestartSec is 30: a restart loop would not show yet, but NRestarts > 0 would
         st = ct.show(UNIT, "ActiveState", "ExecMainStatus", "NRestarts", "SubState")
         lines = _journal(ct, this_run=True)
-        assert st["ExecMainStatus"] == "2" and st["NRestarts"] == "0" and st["SubState"] != "auto-restart", (st, lines)
+        assert st["ExecMainStatus"] == str(status) and st["NRestarts"] == "0" and st["SubState"] != "auto-restart", (st, lines)
         assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
         ct.sh(f"systemctl reset-failed {UNIT} || true")
 
