@@ -411,6 +411,10 @@ class TrainingConfig(_Model):
         "all", description="Train on data gathered since the last round, or all training data so far (STaR-style)."
     )
     replay_fraction: float = Field(0.0, ge=0, le=1, description="since_last: share of older data mixed in against forgetting.")
+    start_from: Literal["incumbent", "base"] = Field(
+        "incumbent", description="Where a round's LoRA starts: the incumbent's adapter (training continues), or a fresh "
+        "LoRA on the base trained on all the data so far (STaR's restart: no epochs piled on old data; needs "
+        "data_scope = 'all' and reference = 'base'). The candidate is gated against the incumbent either way.")
     min_sft_examples: int = Field(8, ge=1, description="Fewer SFT examples than this: the SFT stage is skipped with a reason.")
     min_pairs: int = Field(8, ge=1, description="Fewer pairs than this: the DPO stage is skipped with a reason.")
     time_limit_s: float = Field(3600.0, gt=0, description="The child is killed (whole process group) after this.")
@@ -442,6 +446,16 @@ class TrainingConfig(_Model):
             raise ValueError(
                 f"got {len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss_type entries"
             )
+        if self.start_from == "base":
+            if self.data_scope != "all":
+                raise ValueError("start_from = 'base' trains a fresh LoRA each round: set data_scope = 'all', "
+                                 "or it forgets every round's data but the last")
+            if self.reference != "base":
+                raise ValueError("start_from = 'base' does not load the incumbent: set reference = 'base' (the DPO reference "
+                                 "is the model training starts from)")
+            if self.uses_rl():
+                raise ValueError(f"algorithm {self.algorithm!r}: the policy-gradient and distillation stages correct for the "
+                                 "sampler, the incumbent, and must start from it: set start_from = 'incumbent'")
         if self.uses_rl() and self.num_processes > 1:
             raise ValueError(f"algorithm {self.algorithm!r}: the policy-gradient stage runs in one process; set num_processes = 1")
         free = [x for x in self.loss_type if x in ("simpo", "orpo")]

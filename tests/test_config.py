@@ -329,3 +329,14 @@ def test_reload_that_would_mix_into_an_incoherent_policy_is_refused():
     new = _policy({"tasks": {"heldout_fraction": 0.2}, "gates": {"test": "mcnemar"}})
     with pytest.raises(PolicyError, match="tasks.heldout_fraction is 0 but gates.test needs held-out items"):
         reload_plan(old, new)
+
+
+@pytest.mark.parametrize("training, fix", [
+    ({"start_from": "base", "reference": "base", "data_scope": "since_last"}, "set data_scope = 'all'"),
+    ({"start_from": "base", "data_scope": "all"}, "set reference = 'base'"),
+    ({"start_from": "base", "reference": "base", "algorithm": "sft_then_grpo"}, "set start_from = 'incumbent'"),
+])
+def test_a_fresh_lora_each_round_is_refused_where_it_would_lose_data_or_mislead(training, fix):
+    with pytest.raises(PolicyError, match=fix):
+        parse_policy(_merge(MIN, {"training": training}), "p.toml")
+    parse_policy(_merge(MIN, {"training": {"start_from": "base", "reference": "base"}}), "p.toml")

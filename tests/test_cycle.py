@@ -76,6 +76,38 @@ def test_a_collect_round_then_a_training_round_that_promotes(make_cycle):
     assert len(seeds[1]) == len(seeds[2]) == 1 and seeds[1] != seeds[2]
 
 
+@pytest.mark.parametrize("start_from", ["incumbent", "base"])
+def test_a_round_starts_its_lora_where_the_policy_says_and_is_gated_against_the_incumbent(make_cycle, monkeypatch, start_from):
+    """training.start_from: "incumbent" continues the incumbent's adapter; "base" trains a fresh
+    LoRA on the base on all the data so far (STaR's restart). Either way the candidate's parent is
+    the incumbent it was gated against, and round 2 trains on round 1's data too."""
+    from selfdistill.training import child
+
+    specs = []
+    real = child.run_training_child
+
+    def spy(spec, **kw):
+        specs.append(spec)
+        return real(spec, **kw)
+
+    monkeypatch.setattr(child, "run_training_child", spy)
+    cyc = make_cycle({"schedule": {"train_min_new_pairs": 0},
+                      "training": {"start_from": start_from, "reference": start_from, "data_scope": "all"}})
+    r1, r2 = cyc.run_round(), cyc.run_round()
+    assert (r1.decision, r2.decision) == ("promote", "promote"), (r1.reasons, r2.reasons)
+    assert specs[0].incumbent_adapter_dir is None  # round 1: the incumbent is the base
+    if start_from == "incumbent":
+        assert specs[1].incumbent_adapter_dir == cyc.state_dir / "checkpoints" / "ckpt-000001"
+    else:
+        assert specs[1].incumbent_adapter_dir is None
+    (run1,), (run2,) = cyc.store.training_runs(r1.id), cyc.store.training_runs(r2.id)
+    assert run1["spec"]["starts_from"] == "base"
+    assert run2["spec"]["starts_from"] == ("ckpt-000001" if start_from == "incumbent" else "base")
+    assert run2["spec"]["sft"] > run1["spec"]["sft"]  # all the data so far
+    parents = {c["id"]: c["parent_id"] for c in cyc.store.query("SELECT id, parent_id FROM checkpoints")}
+    assert parents["ckpt-000002"] == "ckpt-000001"
+
+
 def test_skipped_and_failed_training_rounds_bring_a_released_engine_back(make_cycle, monkeypatch):
     monkeypatch.setenv("SELFDISTILL_TEST_TRAINING", "1:skip,2:fail")
     cyc = make_cycle({"engine": {"release_for_training": "restart"}, "training": {"max_retries": 0}})
