@@ -69,6 +69,16 @@ def check_env(args) -> dict:
     return row
 
 
+def release_and_resume(eng, device: str) -> dict:
+    """An engine's release and resume, timed, with the device memory before and after the release."""
+    loaded = device_memory(device)
+    _, release_s = timed(eng.release)
+    released = device_memory(device)
+    _, resume_s = timed(eng.resume)
+    return {"used_mib_loaded": loaded["used_mib"], "used_mib_released": released["used_mib"],
+            "release_s": release_s, "resume_s": resume_s}
+
+
 def check_transformers(args, model_dir: Path) -> dict:
     from selfdistill.config import EngineConfig
     from selfdistill.engines.base import SamplingParams
@@ -84,37 +94,22 @@ def check_transformers(args, model_dir: Path) -> dict:
         out, gen_s = timed(lambda: eng.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=32, seed=0)))
         toks = sum(c.completion_tokens for cs in out for c in cs)
         scores, score_s = timed(lambda: eng.score(PROMPTS, [cs[0].text for cs in out]))
-        loaded = device_memory(args.device)
-        _, release_s = timed(eng.release)
-        released = device_memory(args.device)
-        _, resume_s = timed(eng.resume)
+        cycle = release_and_resume(eng, args.device)
         again, _ = timed(lambda: eng.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8)))
     finally:
         eng.close()
     return {"device": str(eng.device), "dtype": str(eng.dtype), "start_s": start_s, "tokens": toks, "generate_s": gen_s,
             "tokens_per_s": round(toks / gen_s, 1), "score_s": score_s, "scored": len(scores),
-            "used_mib_before": before["used_mib"], "used_mib_loaded": loaded["used_mib"],
-            "used_mib_released": released["used_mib"], "release_s": release_s, "resume_s": resume_s,
-            "answers_after_resume": len(again[0])}
+            "used_mib_before": before["used_mib"], **cycle, "answers_after_resume": len(again[0])}
 
 
 def check_training(args, model_dir: Path, work: Path) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from training import write_data
+    from training import train_round
 
-    from selfdistill.training.child import run_training_child
-    from selfdistill.training.spec import RoundSpec
-
-    data = work / "round.jsonl"
-    write_data(data, 64, 32)
-    spec = RoundSpec(
-        round_id=1, base_model_dir=model_dir, output_dir=work / "ckpt", data_path=data,
-        training=dict(algorithm="sft_then_dpo", batch_size=8, max_length=128, epochs=1.0, dpo_epochs=1.0,
-                      min_sft_examples=1, min_pairs=1, min_loss_change=0.0, min_dpo_margin=-1000.0),
-        lora=dict(r=16, alpha=32), result_path=work / "result.json", hf_home=work / "hf",
-        threads=None if args.device == "cuda" else 2,
-    )
-    r, wall_s = timed(lambda: run_training_child(spec, time_limit_s=900))
+    (r, adapter), wall_s = timed(lambda: train_round("gpu-check", model_dir, work, 64, 32, None if args.device == "cuda" else 2,
+                                                     batch_size=8, epochs=1.0, time_limit_s=900,
+                                                     min_loss_change=0.0, min_dpo_margin=-1000.0))
     if r.status != "succeeded":
         raise RuntimeError(f"training {r.status}: {r.reason}")
     m = r.metrics
@@ -123,7 +118,7 @@ def check_training(args, model_dir: Path, work: Path) -> dict:
     return {"device": m.get("device"), "dtype": m.get("dtype"), "wall_s": wall_s, "sft_train_s": m["sft_train_s"],
             "dpo_train_s": m["dpo_train_s"], "sft_tokens_per_s": round(m["sft_tokens"] / m["sft_train_s"], 1),
             "dpo_tokens_per_s": round(m["dpo_tokens"] / m["dpo_train_s"], 1),
-            "peak_device_mib": m.get("peak_device_mib"), "adapter": str(spec.output_dir)}
+            "peak_device_mib": m.get("peak_device_mib"), "adapter": str(adapter)}
 
 
 def check_vllm(args, model_dir: Path, work: Path, adapter: str | None) -> dict:
@@ -148,13 +143,9 @@ def check_vllm(args, model_dir: Path, work: Path, adapter: str | None) -> dict:
             if adapter and mode == "sleep":
                 _, r["adapter_load_s"] = timed(lambda: eng.load_adapter(AdapterRef("v1", adapter)))
                 _, r["adapter_generate_s"] = timed(lambda: eng.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), adapter="v1"))
-            loaded = device_memory(args.device)
-            _, r["release_s"] = timed(eng.release)
-            released = device_memory(args.device)
-            _, r["resume_s"] = timed(eng.resume)
+            r.update(release_and_resume(eng, args.device))
             eng.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8), adapter="v1" if adapter and mode == "sleep" else None)
-            r.update(used_mib_before=before["used_mib"], used_mib_loaded=loaded["used_mib"],
-                     used_mib_released=released["used_mib"], used_mib_resumed=device_memory(args.device)["used_mib"])
+            r.update(used_mib_before=before["used_mib"], used_mib_resumed=device_memory(args.device)["used_mib"])
         finally:
             eng.close()
         row[mode] = r

@@ -36,7 +36,10 @@ def write_data(path: Path, n_sft: int, n_pairs: int) -> None:
                 f.write(json.dumps({"kind": "pair", "prompt": prompt, "chosen": right, "rejected": wrong, "weight": 1.0}) + "\n")
 
 
-def bench(name: str, base: Path, work: Path, n_sft: int, n_pairs: int, threads: int, batch_size: int, epochs: float) -> dict:
+def train_round(name: str, base: Path, work: Path, n_sft: int, n_pairs: int, threads: int | None, batch_size: int,
+                epochs: float, time_limit_s: float = 1800, **training):
+    """One SFT-then-DPO round on `write_data`'s rows through the daemon's child entry point (LoRA r=16):
+    (its TrainingResult, the adapter's directory). `training` overrides the round's training keys."""
     from selfdistill.training.child import run_training_child
     from selfdistill.training.spec import RoundSpec
 
@@ -45,10 +48,14 @@ def bench(name: str, base: Path, work: Path, n_sft: int, n_pairs: int, threads: 
     spec = RoundSpec(
         round_id=1, base_model_dir=base, output_dir=work / "ckpt" / name, data_path=data,
         training=dict(algorithm="sft_then_dpo", batch_size=batch_size, max_length=128, epochs=epochs, dpo_epochs=1.0,
-                      min_sft_examples=1, min_pairs=1),
+                      min_sft_examples=1, min_pairs=1, **training),
         lora=dict(r=16, alpha=32), result_path=work / "runs" / f"{name}.json", threads=threads, hf_home=work / "hf",
     )
-    r = run_training_child(spec, time_limit_s=1800)
+    return run_training_child(spec, time_limit_s=time_limit_s), spec.output_dir
+
+
+def bench(name: str, base: Path, work: Path, n_sft: int, n_pairs: int, threads: int, batch_size: int, epochs: float) -> dict:
+    r, _ = train_round(name, base, work, n_sft, n_pairs, threads, batch_size, epochs)
     if r.status != "succeeded":
         raise SystemExit(f"{name}: {r.status}: {r.reason}")
     m = r.metrics

@@ -631,17 +631,16 @@ class Cycle:
         work.mkdir(parents=True, exist_ok=True)
         data_path = write_round_data(work / "data.jsonl", data.sft, data.pairs, groups, distill)
         incumbent = rnd.incumbent_id
+        starts = incumbent if tr.start_from == "incumbent" else "base"  # the weights the LoRA starts from
         spec = RoundSpec(
             round_id=rid, attempt=attempt, base_model_dir=str(self.model_dir),
-            incumbent_adapter_dir=(str(checkpoint_path(self.state_dir, incumbent))
-                                   if incumbent != "base" and tr.start_from == "incumbent" else None),
+            incumbent_adapter_dir=str(checkpoint_path(self.state_dir, starts)) if starts != "base" else None,
             output_dir=str(out_dir), data_path=str(data_path), system_prompt=self.policy.student.system_prompt,
             training=tr.model_dump(mode="json"), lora=self.policy.student.lora.model_dump(mode="json"),
             result_path=str(work / "result.json"), threads=tr.threads, seed=tr.seed + attempt - 1,
             hf_home=str(self.state_dir / "cache" / "hf"),
         )
         counts = {"sft": len(data.sft), "pairs": len(data.pairs), **group_counts, **distill_counts}
-        starts = incumbent if spec.incumbent_adapter_dir is not None else "base"  # the weights the LoRA starts from
         self._training_run_id = self.store.start_training_run(rid, attempt, {**counts, "output": str(out_dir), "starts_from": starts})
         self.say(rid, "train", attempt=attempt, candidate=ckpt_id, **counts)
         self.serving.release("training")  # the engine comes back by itself at its next use

@@ -38,10 +38,11 @@ class TransformersEngine(ScoresGivenTokens):
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.device == "cuda" and not torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cfg.device == "cuda" and not cuda:
             raise EngineError("engine.device = 'cuda' but torch sees no CUDA device: install the CUDA build of torch "
                               "(pip install -e '.[gpu]'), or set engine.device = 'auto'")
-        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = torch.device("cuda" if cuda and cfg.device != "cpu" else "cpu")
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

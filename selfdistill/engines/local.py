@@ -142,17 +142,16 @@ DEVICE_LEAK_MIB = 256
 
 
 def free_device_memory(engine: str) -> dict | None:
-    """After an engine dropped its model: hand the CUDA caching allocator's free blocks back to the
-    device and check that they went, logging the figures (and a warning when more than
-    DEVICE_LEAK_MIB is still allocated: something kept a reference to the weights). None where this
-    process never used CUDA (torch not imported, or CUDA never initialised: it is not started here)."""
-    import gc
+    """After an engine dropped its model and collected the garbage (both engines' release and close
+    do, before calling this): hand the CUDA caching allocator's free blocks back to the device and
+    check that they went, logging the figures (and a warning when more than DEVICE_LEAK_MIB is
+    still allocated: something kept a reference to the weights). None where this process never
+    used CUDA (torch not imported, or CUDA never initialised: it is not started here)."""
     import sys
 
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():
         return None
-    gc.collect()
     reserved = torch.cuda.memory_reserved()
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
