@@ -8,6 +8,7 @@ It then extrapolates the overhead share to demo-like settings (~100 SFT examples
 ~50 pairs) from the measured rates and the measured fixed cost.
 
     .venv/bin/python benchmarks/training.py [--models tiny,bundled] [--threads 2] [--out DIR]
+    .venv/bin/python benchmarks/training.py --compare --threads 2 --sft 64 --pairs 32   # before/now, one run
 
 Prepare the bundled student first: `.venv/bin/python -c "from selfdistill.models import prepare_bundled; print(prepare_bundled())"`.
 """
@@ -78,24 +79,86 @@ def bench(name: str, base: Path, work: Path, n_sft: int, n_pairs: int, threads: 
     return row
 
 
+def matmul_gflops(threads: int, dtype_name: str, seconds: float = 2.0) -> float:
+    """This machine's rate for one of the model's own matrix products (560 tokens x 576 -> 1536, SmolLM2-135M's
+    MLP), in GFLOP/s, on `threads` threads: the ceiling training is measured against."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(560, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    for _ in range(5):
+        a @ b
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        n += 1
+    return round(2 * 560 * 576 * 1536 * n / (time.perf_counter() - t) / 1e9, 1)
+
+
+def compare(base: Path, work: Path, threads: int, n_sft: int, n_pairs: int) -> list[dict]:
+    """The same round twice in one run: as training ran before (float32, TRL's LM head over every position) and
+    as it runs now (training.precision = "auto", the LM head over the labelled positions only)."""
+    import os
+
+    from selfdistill.training.run import FULL_LM_HEAD_ENV
+
+    peaks = {d: matmul_gflops(threads, d) for d in ("float32", "bfloat16")}
+    rows = []
+    for name, precision, full_head in (("before", "float32", "1"), ("now", "auto", "0")):
+        os.environ[FULL_LM_HEAD_ENV] = full_head
+        r, _ = train_round(name, base, work, n_sft, n_pairs, threads, batch_size=8, epochs=1.0, precision=precision)
+        if r.status != "succeeded":
+            raise SystemExit(f"{name}: {r.status}: {r.reason}")
+        m = r.metrics
+        params = 134.5e6  # SmolLM2-135M; a LoRA step costs ~4 x params FLOPs a token (forward, input gradients)
+        sft_tps, dpo_tps = m["sft_tokens"] / m["sft_train_s"], m["dpo_tokens"] / m["dpo_train_s"]
+        rows.append({
+            "run": name, "dtype": m["dtype"], "lm_head": m["lm_head"], "threads": threads,
+            "sft_tokens_per_s": round(sft_tps, 1), "dpo_tokens_per_s": round(dpo_tps, 1),
+            "sft_tokens_per_s_per_core": round(sft_tps / threads, 1),
+            "sft_model_gflops": round(4 * params * sft_tps / 1e9, 1),
+            "sft_share_of_matmul_peak": round(4 * params * sft_tps / 1e9 / peaks[m["dtype"]], 3),
+            "matmul_gflops": peaks, "sft_train_s": m["sft_train_s"], "dpo_train_s": m["dpo_train_s"],
+            "sft_loss_curve": m["sft_loss_curve"], "dpo_loss_curve": m["dpo_loss_curve"],
+            "dpo_margin_last": m.get("dpo_margin_last"), "wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"],
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    os.environ.pop(FULL_LM_HEAD_ENV, None)
+    before, now = rows
+    print(json.dumps({"sft_speedup": round(now["sft_tokens_per_s"] / before["sft_tokens_per_s"], 2),
+                      "dpo_speedup": round(now["dpo_tokens_per_s"] / before["dpo_tokens_per_s"], 2),
+                      "sft_loss_max_abs_diff": max(abs(a - b) for a, b in zip(before["sft_loss_curve"], now["sft_loss_curve"])),
+                      "dpo_loss_max_abs_diff": max(abs(a - b) for a, b in zip(before["dpo_loss_curve"], now["dpo_loss_curve"]))}))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny,bundled")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--compare", action="store_true", help="the bundled student's round before and now, side by side")
+    ap.add_argument("--sft", type=int, default=32, help="SFT examples of a round")
+    ap.add_argument("--pairs", type=int, default=16, help="pairs of a round")
     args = ap.parse_args()
     from selfdistill.models import BUNDLED_DIRNAME, build_tiny_model, default_cache_dir
 
     work = args.out or Path(tempfile.mkdtemp(prefix="selfdistill-bench-training-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        compare(default_cache_dir() / BUNDLED_DIRNAME, work, args.threads, args.sft, args.pairs)
+        return
     rows = []
     for model in args.models.split(","):
         if model == "tiny":
             base = build_tiny_model(work / "tiny-base")
-            rows.append(bench("tiny", base, work, 32, 16, args.threads, batch_size=8, epochs=1.0))
+            rows.append(bench("tiny", base, work, args.sft, args.pairs, args.threads, batch_size=8, epochs=1.0))
         else:
             base = default_cache_dir() / BUNDLED_DIRNAME
-            rows.append(bench("bundled", base, work, 32, 16, args.threads, batch_size=8, epochs=1.0))
+            rows.append(bench("bundled", base, work, args.sft, args.pairs, args.threads, batch_size=8, epochs=1.0))
         print(json.dumps(rows[-1]), flush=True)
 
 

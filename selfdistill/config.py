@@ -422,6 +422,12 @@ class TrainingConfig(_Model):
     num_processes: int = Field(1, ge=1, description="Processes under accelerate/torchrun.")
     accelerate_config: Path | None = Field(None, description="launcher='accelerate': an accelerate config file (DeepSpeed ZeRO-3, FSDP; see README).")
     threads: int | None = Field(None, ge=1, description="CPU threads of the child (none: library default).")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="The frozen base's weights while training; the LoRA is float32 always. bfloat16 on CPU runs "
+        "only the base's matrix products in bfloat16 (the residual stream, attention and LoRA stay float32); on a GPU it "
+        "is a bfloat16 model under autocast. auto: bfloat16 on a GPU that has it, and on a CPU with native bfloat16 "
+        "(AVX512-BF16 or AMX) for SFT and DPO-family rounds; float32 elsewhere, and for grpo and distill rounds on CPU "
+        "(their importance ratios compare against the sampler's log-probabilities).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     explode_grad_norm: float = Field(1e4, gt=0, description="Guard: a gradient norm above this fails the round.")
     min_loss_change: float = Field(1e-4, ge=0, description="Guard: a loss that moves less than this fails the round.")

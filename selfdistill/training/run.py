@@ -74,8 +74,88 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def load_model(spec: RoundSpec):
-    """(tokenizer, PeftModel with a trainable "default" adapter) for the round."""
+FULL_LM_HEAD_ENV = "SELFDISTILL_FULL_LM_HEAD"  # "1": TRL's LM head scores every position on CPU (the benchmark's baseline)
+
+
+def choose_dtype(precision: str, stages: list[str], cuda_bf16: bool | None, cpu_bf16: bool) -> str:
+    """The frozen base's dtype for a round, "bfloat16" or "float32" (TrainingConfig.precision says why).
+
+    cuda_bf16: None where there is no GPU, else whether it has bfloat16; cpu_bf16: whether the CPU
+    has native bfloat16 arithmetic (emulated bfloat16 is slower than float32)."""
+    if precision != "auto":
+        return precision
+    if cuda_bf16 is not None:
+        return "bfloat16" if cuda_bf16 else "float32"
+    return "bfloat16" if cpu_bf16 and not any(s in RL_STAGES for s in stages) else "float32"
+
+
+def round_dtype(spec: RoundSpec, stages: list[str]) -> str:
+    """choose_dtype for this machine."""
+    import torch
+
+    cuda_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+    cpu_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return choose_dtype(spec.training_config().precision, stages, cuda_bf16, cpu_bf16)
+
+
+def score_label_positions_only() -> bool:
+    """Make TRL's fused LM head project only the positions that have a label on CPU, as it does on CUDA.
+
+    Off Triton devices TRL 1.x projects every position through the 49k-word LM head, prompt and
+    padding included (fixed tile shapes for compilers such as Neuron's), and recomputes it all in the
+    backward pass: with completion-only losses most of that work is thrown away (SFT 1.44x faster at
+    the same losses, benchmarks/RESULTS.md). False where this TRL has no such switch or
+    SELFDISTILL_FULL_LM_HEAD=1: training is then the same, only slower."""
+    if os.environ.get(FULL_LM_HEAD_ENV) == "1":
+        return False
+    import trl.trainer.utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if decide is None:
+        return False
+    if getattr(decide, "selfdistill", False):
+        return True
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or decide(device)
+
+    compact.selfdistill, compact.trl_original = True, decide
+    trl_utils._use_triton = compact
+    return True
+
+
+def bfloat16_frozen_matmuls(model) -> int:
+    """Store the frozen base's linear layers in bfloat16 and run their matrix products in it, everything else
+    (the residual stream, norms, attention, the LoRA and its sum with the base's output) staying float32; the
+    number of layers changed. Call it before the LoRA wraps the layers.
+
+    On CPU this is where bfloat16 pays (a 576x1536 product at 2.5x float32's rate on AVX512-BF16), without
+    the cost of a bfloat16 model: there the LoRA's small early updates are rounded into a bfloat16 residual
+    stream and the loss falls more slowly (benchmarks/RESULTS.md)."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    head = model.get_output_embeddings()  # tied to the embeddings, and already cut to the labelled positions
+
+    def forward(self, x):
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(torch.bfloat16)
+            module.forward = types.MethodType(forward, module)
+            n += 1
+    return n
+
+
+def load_model(spec: RoundSpec, dtype_name: str = "float32"):
+    """(tokenizer, PeftModel with a trainable "default" adapter) for the round; the frozen base's weights in
+    `dtype_name` (bfloat16 on CPU: bfloat16_frozen_matmuls), the LoRA in float32."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
@@ -86,8 +166,11 @@ def load_model(spec: RoundSpec):
         raise RoundFailed(f"{spec.base_model_dir}: the tokenizer has no chat template (prompts are rendered with it)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    cpu_bf16 = dtype_name == "bfloat16" and not torch.cuda.is_available()
+    dtype = torch.float32 if cpu_bf16 else getattr(torch, dtype_name)
     base = AutoModelForCausalLM.from_pretrained(str(spec.base_model_dir), dtype=dtype)
+    if cpu_bf16:
+        bfloat16_frozen_matmuls(base)
     if spec.incumbent_adapter_dir is not None:
         check_adapter_dir(spec.incumbent_adapter_dir)
         try:
@@ -148,7 +231,7 @@ def _weighted(trainer_cls):
     return Weighted
 
 
-def _common_args(spec: RoundSpec, scratch: str) -> dict[str, Any]:
+def _common_args(spec: RoundSpec, scratch: str, model) -> dict[str, Any]:
     import torch
 
     tc = spec.training_config()
@@ -168,7 +251,8 @@ def _common_args(spec: RoundSpec, scratch: str) -> dict[str, Any]:
         report_to=[],
         disable_tqdm=True,
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        # autocast on the GPU where the base is bfloat16 (on CPU its linear layers cast for themselves)
+        bf16=cuda and model.get_input_embeddings().weight.dtype == torch.bfloat16,
         dataloader_num_workers=0,
     )
     if not cuda and _world_size() > 1:
@@ -181,6 +265,8 @@ def _stage_metrics(stage: str, log: list[dict[str, float]], rows: int, secs: flo
     m: dict[str, Any] = {f"{stage}_rows": rows, f"{stage}_steps": steps, f"{stage}_train_s": round(secs, 3)}
     if losses:
         m[f"{stage}_loss_first"], m[f"{stage}_loss_last"] = losses[0], losses[-1]
+        # the curve, at most ~100 points, so that two settings can be compared step by step
+        m[f"{stage}_loss_curve"] = [round(x, 4) for x in losses[:: -(-len(losses) // 100)]]
     tokens = [r["num_tokens"] for r in log if "num_tokens" in r]
     if tokens:
         m[f"{stage}_tokens"] = int(max(tokens))
@@ -210,7 +296,7 @@ def _train_sft(spec, tok, model, rows, scratch, callbacks):
         num_train_epochs=tc.epochs,
         learning_rate=tc.learning_rate,
         completion_only_loss=True,
-        **_common_args(spec, scratch),
+        **_common_args(spec, scratch, model),
     )
     trainer = _weighted(SFTTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=callbacks)
     check_left(trainer, len(rows), "SFT examples", tc.max_length)
@@ -241,7 +327,7 @@ def _train_preference(spec, tok, model, rows, scratch, callbacks, incumbent_snap
             for r in rows
         ]
     )
-    common = _common_args(spec, scratch)
+    common = _common_args(spec, scratch, model)
     common.update(learning_rate=tc.dpo_learning_rate or tc.learning_rate / 4, num_train_epochs=tc.dpo_epochs)
     free = [t for t in tc.loss_type if t in ("simpo", "orpo")]
     if free:
@@ -380,11 +466,13 @@ def run_round(spec: RoundSpec, started: float | None = None) -> TrainingResult:
             torch.set_num_threads(spec.threads)
         metrics["import_s"] = round(time.monotonic() - t, 3)
         t = time.monotonic()
-        tok, model = load_model(spec)
+        dtype_name = round_dtype(spec, todo)
+        tok, model = load_model(spec, dtype_name)
         metrics["load_s"] = round(time.monotonic() - t, 3)
+        metrics["lm_head"] = "label_positions" if score_label_positions_only() else "all_positions"
         # where the trainers will put it (they move the model to the GPU when torch sees one)
         metrics["device"] = "cuda:0" if torch.cuda.is_available() else "cpu"
-        metrics["dtype"] = str(model.dtype).removeprefix("torch.")
+        metrics["dtype"] = dtype_name  # the frozen base's weights
         incumbent_snapshot = None
         if spec.incumbent_adapter_dir is not None and tc.reference == "incumbent" and "dpo" in todo:
             incumbent_snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
