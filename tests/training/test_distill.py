@@ -68,6 +68,7 @@ def test_distillation_moves_probability_towards_the_teachers_answers(make_spec, 
     m = res.metrics
     assert m["distill_answers"] == 27 and m["distill_rows"] == 24 and m["distill_samples"] == 24 and m["distill_rejected"] == 3
     assert m["distill_steps"] == 2 * math.ceil(24 / 4)
+    assert m["dtype"] == "float32" and "lm_head" not in m  # on CPU; and no TRL head in a distill-only round
     for key in ("distill_clip_fraction", "distill_entropy_last", "distill_reverse_kl_before", "distill_tokens"):
         assert math.isfinite(m[key]), key
     flipped = _spec(make_spec, _write_rows(tmp_path / "rows-f.jsonl", tok, flip=True), "f")
