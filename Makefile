@@ -36,7 +36,7 @@ demo: setup
 	$(BIN)/selfdistill report $(POLICY)
 
 # The distillation demo (policies/cpu-distill.toml): its teacher, a chain_sum specialist of the
-# bundled model, is made once by its recipe (30-55 minutes on 2 cores), then the loop (under 30).
+# bundled model, is made once by its recipe (about 10 minutes on 2 cores), then the loop (under 30).
 DISTILL_TEACHER := state/teacher/specialist-merged
 distill-demo: setup
 	test -f $(DISTILL_TEACHER)/config.json || HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/teacher.py --out state/teacher
@@ -46,10 +46,10 @@ lint: setup
 	$(BIN)/ruff check selfdistill tests benchmarks
 
 test: setup lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests -m "not slow"
 
 check-policies: setup
 	$(BIN)/selfdistill check policies/*.toml

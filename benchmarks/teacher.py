@@ -15,8 +15,8 @@ none of which it trained on. Candidates:
                the student's tokens (on-policy distillation) as well as label (SFT on its answers).
 
 The specialist's directory (OUT/specialist-merged) is what policies/cpu-distill.toml names as its
-teacher; this script is its recipe. Run (57 minutes on 2 shared CPU cores on 2026-12-02, 55 of them
-the 307 SFT steps, which shared the cores with a full test-suite run):
+teacher; this script is its recipe. Run (9 minutes on 2 quiet CPU cores on 2026-12-05, 8.5 of them the 307 SFT steps; 57
+minutes on 2026-12-02, before training got twice as fast and beside a test-suite run):
 
     .venv/bin/python benchmarks/teacher.py --out state/teacher
 

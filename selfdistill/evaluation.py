@@ -9,7 +9,6 @@ sanity statistics, in the form the gate (`selfdistill.gates.decide`) consumes.
   per-token negative log-likelihood). A candidate that forgot general language makes the base's
   own answers unlikely.
 - `sanity_stats` measures degeneration: empty answers, repeated 4-grams, length.
-- `pairwise_win_rate` runs an optional judge over candidate and incumbent answers in both orders.
 
 Knows nothing of the store: callers record `EvalResult.items` and `EvalResult.metrics`.
 Imports no heavy library itself; the engine it is given does the work.
@@ -29,7 +28,6 @@ from selfdistill.records import Evaluation, Task
 # (answer text, task) -> (score, correct); (None, None) for a task no verifier can check (a pairwise judge measures those)
 Verify = Callable[[str, Task], tuple[float | None, bool | None]]
 PromptBuilder = Callable[[Task], Prompt]
-Judge = Callable[[Prompt, str, str], float]  # (prompt, first, second) -> P(first is better); 0.5 = tie
 
 
 @dataclass
@@ -169,29 +167,3 @@ def anchor_nll(engine: Engine, adapter: str | None, anchor_prompts: Sequence[Pro
     if n == 0:
         raise EngineError("the anchor references have no tokens: recompute them with anchor_references()")
     return -sum(lp for lp, _ in scored) / n
-
-
-@dataclass
-class PairwiseResult:
-    win_rate: float  # candidate's mean preference over both orders (0.5 = no difference)
-    position_flip_rate: float  # share of items where the verdict followed the position, not the answer
-    n: int
-
-
-def pairwise_win_rate(
-    judge: Judge, prompts: Sequence[Prompt], candidate_texts: Sequence[str], incumbent_texts: Sequence[str]
-) -> PairwiseResult:
-    """Judge candidate against incumbent on each item, in both orders (against position bias)."""
-    if not (len(prompts) == len(candidate_texts) == len(incumbent_texts)) or not prompts:
-        raise ValueError(
-            f"pairwise judging needs the same, non-zero number of prompts and answers "
-            f"(got {len(prompts)}, {len(candidate_texts)}, {len(incumbent_texts)})"
-        )
-    wins, flips = 0.0, 0
-    for p, c, i in zip(prompts, candidate_texts, incumbent_texts):
-        first = judge(p, c, i)  # candidate shown first
-        second = 1.0 - judge(p, i, c)  # candidate shown second, as P(candidate is better)
-        wins += (first + second) / 2
-        # the same position won both times: the verdict tracked the position
-        flips += (first > 0.5 and second < 0.5) or (first < 0.5 and second > 0.5)
-    return PairwiseResult(win_rate=wins / len(prompts), position_flip_rate=flips / len(prompts), n=len(prompts))

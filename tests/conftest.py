@@ -19,23 +19,27 @@ if _WORKER.startswith("gw") and len(os.sched_getaffinity(0)) > 1:
     _cores = sorted(os.sched_getaffinity(0))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_cores[int(_WORKER[2:]) % len(_cores)]))
 
-# Tests that share a costly session or module fixture run on one worker (`--dist loadgroup`): the
-# engine tests (each engine is started once per worker), the reliability tests (one teacher run),
-# the users of the spell_backward bootstrap; every other file keeps its tests together, in order.
-_SHARED_DIRS = ("engines", "reliability")
+# Tests that share a costly session fixture run on one worker: the engine tests (each engine is
+# started once per worker), the reliability tests (one teacher run), the two files that use the
+# spell_backward bootstrap; every other file keeps its tests together, in order. (A scheduler of our
+# own: xdist 3.8's `xdist_group` marks are lost under pytest 9.2, which no longer keeps `_nodeid`.)
+_SHARED = {"tests/engines/": "engines", "tests/reliability/": "reliability",
+           "tests/learning/test_tiny_learns.py": "spell_bootstrap", "tests/test_benchmarks_smoke.py": "spell_bootstrap"}
 
 
-def pytest_collection_modifyitems(config, items):
-    tests = Path(__file__).parent
-    for item in items:
-        rel = Path(str(item.fspath)).relative_to(tests)
-        if "spell_bootstrap" in getattr(item, "fixturenames", ()):
-            group = "spell_bootstrap"
-        elif rel.parts[0] in _SHARED_DIRS:
-            group = rel.parts[0]
-        else:
-            group = rel.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
+def worker_group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return next((group for prefix, group in _SHARED.items() if path.startswith(prefix)), path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return ByGroup(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -63,4 +67,5 @@ def spell_bootstrap(tmp_path_factory):
     from learning_helpers import bootstrapped
 
     return bootstrapped(tmp_path_factory.mktemp("spell") / "model")
+
 

@@ -532,6 +532,33 @@ def test_the_pairwise_gate_decides_the_round_on_the_win_rate(make_cycle, monkeyp
         assert rnd.decision == "reject" and "pairwise win rate 0.5000 < min_win_rate 0.6" in reasons, rnd.reasons
 
 
+def test_a_real_local_teacher_judges_the_pairwise_gate_in_both_orders(make_cycle, bundled_model_dir):
+    """The pairwise gate with a real local teacher, not a scripted server: the bundled
+    SmolLM2-135M-Instruct loaded in the daemon (teacher.kind = "transformers") compares the
+    candidate's and the incumbent's answers in both orders. Whatever it prefers, every comparison is
+    asked twice and counted as the teacher's use, each pair of verdicts is a win, a loss or a tie,
+    and the gate trusts the judge exactly when its position-following share is within
+    max_position_bias. (Measured with this model: it follows the position, so it is not trusted;
+    benchmarks/RESULTS.md, "The pairwise gate with a real local teacher".)"""
+    from types import SimpleNamespace
+
+    cyc = make_cycle({"teacher": {"kind": "transformers", "model": str(bundled_model_dir), "max_tokens": 8, "temperature": 0.0},
+                      "evaluation": {"pairwise_judge": "teacher", "pairwise_items": 6}, "gates": {"min_win_rate": 0.5}})
+    tasks = cyc.heldout_tasks()[:6]
+    inc = SimpleNamespace(items=[{"task_id": t.id, "text": "I do not know."} for t in tasks])
+    cand_texts = [t.answer for t in tasks[:4]] + ["I do not know."] * 2  # 4 right answers against a refusal, 2 the same
+    cand = SimpleNamespace(items=[{"task_id": t.id, "text": x} for t, x in zip(tasks, cand_texts)])
+    rnd = cyc.store.create_round("base")
+    pw = cyc.pairwise(rnd, inc, cand)
+    assert (pw["items"], pw["judged"], pw["same_answer"]) == (6, 4, 2), pw
+    assert cyc.store.teacher_usage(rnd)["pairwise"]["requests"] == 2 * 4  # both orders, only where the answers differ
+    ties = pw["position_biased"] + pw["unparseable"]
+    assert pw["wins"] + pw["losses"] + ties == pw["judged"], pw
+    assert pw["win_rate"] == pytest.approx((pw["wins"] + 0.5 * (6 - pw["wins"] - pw["losses"])) / 6, abs=1e-4)
+    assert pw["trusted"] == (pw["position_biased"] / pw["judged"] <= cyc.policy.scoring.teacher_judge.max_position_bias), pw
+    print("real local pairwise judge:", pw)
+
+
 @pytest.mark.parametrize("mode", ["ok", "biased"])
 def test_the_pairwise_judge_asks_both_orders_and_a_position_following_judge_is_not_trusted(make_cycle, monkeypatch, mode):
     """The comparison itself, against a real teacher server on loopback (scripted: it prefers the

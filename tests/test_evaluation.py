@@ -10,7 +10,6 @@ from selfdistill.evaluation import (
     anchor_nll,
     anchor_references,
     evaluate_heldout,
-    pairwise_win_rate,
     repetition,
     sanity_stats,
 )
@@ -114,20 +113,6 @@ def test_anchor_references_refuse_an_all_empty_base():
     eng = FakeEngine({None: {"a": "", "b": ""}})
     with pytest.raises(EngineError, match="answered all 2 anchor prompts with nothing"):
         anchor_references(eng, ["a", "b"], 8)
-
-
-@pytest.mark.parametrize(
-    "judge,win,flips",
-    [
-        (lambda p, a, b: 1.0 if a == "good" else 0.0, 1.0, 0.0),  # always prefers the candidate's answer
-        (lambda p, a, b: 1.0, 0.5, 1.0),  # always prefers whatever comes first: pure position bias
-        (lambda p, a, b: 0.5, 0.5, 0.0),  # always a tie
-        (lambda p, a, b: 0.0 if a == "good" else 1.0, 0.0, 0.0),
-    ],
-)
-def test_pairwise_win_rate(judge, win, flips):
-    r = pairwise_win_rate(judge, ["p1", "p2"], ["good", "good"], ["bad", "bad"])
-    assert (r.win_rate, r.position_flip_rate, r.n) == (win, flips, 2)
 
 
 # ---------------------------------------------------------------------------------------------
