@@ -182,6 +182,8 @@ def load_model(spec: RoundSpec, dtype_name: str = "float32"):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RoundFailed(f"incumbent adapter {spec.incumbent_adapter_dir} cannot be loaded: {first}") from None
     else:
+        # a fresh LoRA's initial weights are the spec's (seed), not whatever a process drew before
+        torch.manual_seed(spec.seed)
         lc = spec.lora_config()
         model = get_peft_model(
             base,
