@@ -269,6 +269,11 @@ class JudgeConfig(_Model):
     recheck_every_rounds: int = Field(5, ge=1, description="Re-measure the judge's health every N rounds.")
     anchors: Path | None = Field(None, description="JSONL of labelled answers the judge is measured on (README, 'Anchor files'); "
                                  "the round's verifier-scored answers fill up to anchor_size. Needed where tasks have no verifier.")
+    teacher_anchors: int = Field(
+        0, ge=0, description="Self judge only: the teacher labels this many of the student's answers once (pointwise: its verdict; "
+        "pairwise: its preference in both orders, kept where they agree); the store keeps them with their provenance and the "
+        "self judge is measured on them, after the anchor file's items and before the round's verifier-scored answers. "
+        "Anchors for tasks without a verifier when you have a teacher but no anchor file.")
 
 
 class ScoringConfig(_Model):
@@ -661,6 +666,12 @@ class Policy(_Model):
         if share is not None and self.engine.kind == "vllm" and share + self.engine.gpu_memory_utilization > 0.95:
             problems.append(f"teacher.serve.gpu_memory_utilization {share:g} + engine.gpu_memory_utilization "
                             f"{self.engine.gpu_memory_utilization:g} > 0.95: the teacher and the student cannot both fit one GPU; lower one")
+        if self.scoring.teacher_judge.teacher_anchors:
+            problems.append("scoring.teacher_judge.teacher_anchors: the teacher cannot be measured on its own labels; "
+                            "set it on scoring.self_judge, or give the teacher judge an anchor file (scoring.teacher_judge.anchors)")
+        if self.scoring.self_judge.teacher_anchors and self.teacher is None:
+            problems.append(f"scoring.self_judge.teacher_anchors = {self.scoring.self_judge.teacher_anchors} needs a teacher to label "
+                            "them, but no [teacher] table is given: add the teacher, or use an anchor file (scoring.self_judge.anchors)")
         for who, judge in (("self_judge", self.scoring.self_judge), ("teacher_judge", self.scoring.teacher_judge)):
             if judge.enabled and judge.reason_first and judge.max_tokens < 64:
                 problems.append(f"scoring.{who}.reason_first needs room for the reasons before the verdict line: "

@@ -423,7 +423,7 @@ class Cycle:
                 a = stats.setdefault(t.id, [0, 0.0])
                 a[0] += 1
                 a[1] += 1.0 if res.correct else 0.0
-        judged, health, events = self.judge_scores(rid, tasks, gens, verdicts)
+        judged, health, events, taught = self.judge_scores(rid, tasks, gens, verdicts)
         score_rows += judged
         score_rows += self.reward_model_scores(tasks, [g for g in gens if g["id"] not in verdicts])
         # a task neither a verifier nor a healthy judge scored is skipped (nothing is trained on it), and counted
@@ -435,6 +435,7 @@ class Cycle:
             for ev in events:
                 self.store.event(**ev)
             self.store.add_scores(score_rows)
+            self.store.add_teacher_anchors(taught)
             self.store.update_task_stats({k: (int(v[0]), v[1]) for k, v in stats.items()})
             self.store.record_phase(rid, "score", t0, {"scores": len(score_rows), "unscored_tasks": unscored}, "pair")
         n_correct = sum(1 for r in score_rows if r.get("correct"))
@@ -499,13 +500,16 @@ class Cycle:
 
     def judge_scores(self, rid: int, tasks: dict[int, Task], gens: list[dict], verdicts: dict[int, bool]):
         """Self- and teacher-judge scores from judges whose anchor check passed, with the health
-        rows and events to write beside them (in the score phase's transaction).
+        rows, events and new teacher-labelled anchors to write beside them (in the score phase's
+        transaction).
 
-        The check runs on this round's verifier-scored answers when the judge was never checked or
-        its last check is older than `recheck_every_rounds`; an unhealthy judge scores nothing.
+        The check runs on the anchor file's items, the teacher's stored labels and this round's
+        verifier-scored answers when the judge was never checked, its last check is older than
+        `recheck_every_rounds`, or the teacher labelled new anchors this round; an unhealthy judge
+        scores nothing.
         """
         from selfdistill.errors import EngineError
-        from selfdistill.scoring.anchors import AnchorFileError, load_anchors
+        from selfdistill.scoring.anchors import AnchorFileError, load_anchors, stored_anchors
         from selfdistill.scoring.feedback import anchor_check, judge_scores
 
         sc = self.policy.scoring
@@ -514,6 +518,7 @@ class Cycle:
         events: list[dict[str, Any]] = []
         prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
         known = [{**g, "correct": verdicts.get(g["id"])} for g in gens]
+        taught = self.teacher_anchors(rid, gens, prompts, events) if sc.self_judge.enabled else []
         for who, cfg in (("self", sc.self_judge), ("teacher", sc.teacher_judge)):
             if not cfg.enabled:
                 continue
@@ -521,9 +526,10 @@ class Cycle:
                 engine = self.engine if who == "self" else self.teacher("judge", rid)
                 adapter = self.serving.adapter_for(self.current_id()) if who == "self" else None
                 last = self.store.latest_judge_health(who)
-                if last is None or rid - (last["round_id"] or 0) >= cfg.recheck_every_rounds:
+                if last is None or rid - (last["round_id"] or 0) >= cfg.recheck_every_rounds or (who == "self" and taught):
                     anchors = load_anchors(cfg.anchors) if cfg.anchors is not None else None
-                    h = anchor_check(engine, who, cfg, known, prompts, adapter, random.Random(rid), anchors)
+                    labels = stored_anchors(self.store.teacher_anchors() + taught) if who == "self" and cfg.teacher_anchors else None
+                    h = anchor_check(engine, who, cfg, known, prompts, adapter, random.Random(rid), anchors, labels)
                     health.append({"judge": who, "healthy": h.healthy, "agreement": h.agreement, "position_bias": h.position_bias,
                                    "distinct_scores": h.distinct_scores,
                                    "details": {"reasons": h.reasons, "n": h.n, "unparseable": h.unparseable, "anchors": h.anchors},
@@ -543,7 +549,32 @@ class Cycle:
                 log("judge unavailable", logging.WARNING, round=rid, judge=who, error=str(e))
                 events.append({"kind": "teacher_unavailable" if who == "teacher" else "judge_unavailable",
                                "message": f"{who} judge skipped this round: {e}", "level": "warning", "round_id": rid})
-        return rows, health, events
+        return rows, health, events, taught
+
+    def teacher_anchors(self, rid: int, gens: list[dict], prompts: dict[int, str], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """New anchors for the self judge, labelled by the teacher from this round's answers until
+        the store holds scoring.self_judge.teacher_anchors of them; none once it does. A teacher that
+        fails or whose budget is spent labels nothing this round (an event says so); the self judge
+        is then measured on what it has."""
+        from selfdistill.errors import EngineError
+        from selfdistill.scoring.feedback import teacher_anchor_rows
+
+        cfg = self.policy.scoring.self_judge
+        stored = self.store.teacher_anchors()
+        need = cfg.teacher_anchors - len(stored)
+        if need <= 0:
+            return []
+        labelled = {gid for r in stored for gid in r["generation_ids"]}
+        try:
+            rows = teacher_anchor_rows(self.teacher("anchor", rid), self.policy.scoring.teacher_judge, cfg.mode, gens, prompts, need,
+                                       random.Random(rid), labelled, self.policy.teacher.name, rid)
+        except EngineError as e:
+            log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
+            events.append({"kind": "teacher_unavailable", "message": f"teacher anchor labels skipped this round: {e}",
+                           "level": "warning", "round_id": rid})
+            return []
+        log("teacher labelled anchors", round=rid, new=len(rows), stored=len(stored) + len(rows), wanted=cfg.teacher_anchors)
+        return rows
 
     # pair ------------------------------------------------------------------------------------
 

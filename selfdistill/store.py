@@ -695,8 +695,18 @@ class Store:
         rows = self.query("SELECT * FROM judge_health WHERE judge = ? ORDER BY id DESC LIMIT 1", (judge,))
         return _decode(rows[0]) if rows else None
 
+    def add_teacher_anchors(self, rows: list[dict[str, Any]]) -> int:
+        """Anchors the teacher labelled (kind, prompt, answer, good or answer_b, teacher, round_id,
+        generation_ids, details); joins the score phase's transaction."""
+        now = _now()
+        return self._insert_all("teacher_anchors", [{**r, "generation_ids": _j(r["generation_ids"]), "details": _j(r.get("details")),
+                                                     "created_at": now} for r in rows])
 
-_JSON_COLS = {"reasons", "metrics", "counts", "params", "details", "training", "spec", "data", "metadata"}
+    def teacher_anchors(self) -> list[dict[str, Any]]:
+        return [_decode(r) for r in self.query("SELECT * FROM teacher_anchors ORDER BY id")]
+
+
+_JSON_COLS = {"reasons", "metrics", "counts", "params", "details", "training", "spec", "data", "metadata", "generation_ids"}
 
 
 def pack_ints(values: list[int]) -> bytes:

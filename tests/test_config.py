@@ -82,6 +82,9 @@ BAD = [
      "p.toml: schedule.eval_interval_s was removed: it re-read a cached evaluation and measured nothing; delete the key"),
     ({"schedule": {"outside_windows": "idle"}}, "schedule.outside_windows = 'idle' needs schedule.train_windows"),
     ({"schedule": {"outside_windows": "sleep"}}, "schedule.outside_windows: Input should be 'collect' or 'idle'"),
+    ({"scoring": {"self_judge": {"enabled": True, "teacher_anchors": 16}}},
+     "scoring.self_judge.teacher_anchors = 16 needs a teacher to label them, but no [teacher] table is given"),
+    ({"scoring": {"teacher_judge": {"teacher_anchors": 16}}}, "scoring.teacher_judge.teacher_anchors: the teacher cannot be measured on its own"),
 ]
 
 

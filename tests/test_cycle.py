@@ -679,6 +679,38 @@ def test_a_conversation_task_is_asked_trained_and_evaluated_as_its_turns(make_cy
     assert cyc.store.latest_evaluation(rnd.candidate_id, "heldout") is not None
 
 
+def test_the_teacher_labels_the_self_judges_anchors_once_and_the_store_keeps_them(make_cycle, monkeypatch, tmp_path):
+    """scoring.self_judge.teacher_anchors on tasks with no verifier and no anchor file: in round 1
+    the teacher (a real server on loopback, scripted to call an answer with a digit good) labels 6
+    of the student's answers, kept in the store with their provenance and counted as its 'anchor'
+    use, and the self judge is measured on them (the tiny student judges garbage: refused, no row).
+    Round 2 asks the teacher nothing more and measures the judge on the same stored labels."""
+    tasks = tmp_path / "open.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Item {i}?"}) + "\n" for i in range(40)))
+    with _fake_teacher(monkeypatch, "ok") as teacher:
+        cyc = make_cycle(COLLECT, {
+            "teacher": {"kind": "openai", "max_tokens": 16,
+                        "endpoint": {"base_url": teacher.base_url, "model": "t", "api_key_env": "SD_TEST_TEACHER_KEY"}},
+            "tasks": {"per_round": 6, "default_verifier": "auto", "sources": [{"type": "jsonl", "path": str(tasks)}]},
+            "engine": {"max_model_len": 1024}, "generation": {"temperature": 1.0},
+            "scoring": {"self_judge": {"enabled": True, "teacher_anchors": 6, "anchor_size": 6, "recheck_every_rounds": 1}}})
+        r1 = cyc.run_round()
+        stored = cyc.store.teacher_anchors()
+        r2 = cyc.run_round()
+    assert len(stored) == 6 and {r["round_id"] for r in stored} == {r1.id}, stored
+    assert all(r["kind"] == "verdict" and r["teacher"] == f"{teacher.base_url} t" and len(r["generation_ids"]) == 1 and r["details"]["score_1_10"] in (2, 9)
+               for r in stored), stored
+    assert all(r["good"] == int(any(c.isdigit() for c in r["answer"])) for r in stored)  # the teacher's rule, as stored
+    assert cyc.store.teacher_anchors() == stored  # round 2 added none
+    assert cyc.store.teacher_usage(r1.id)["anchor"]["requests"] >= 6 and "anchor" not in cyc.store.teacher_usage(r2.id)
+    health = cyc.store.query("SELECT round_id, healthy, details FROM judge_health WHERE judge = 'self' ORDER BY id")
+    assert [h["round_id"] for h in health] == [r1.id, r2.id], health
+    for h in health:
+        assert json.loads(h["details"])["anchors"] == {"file_items": 0, "teacher_items": 6, "verifier_items": 0}, h
+        assert not h["healthy"]
+    assert not [s_ for s_ in cyc.store.scores_for_round(r1.id) if s_["scorer"].startswith("self")]
+
+
 def test_a_judge_calibrated_on_an_anchor_file_trains_verifier_less_tasks_and_one_that_fails_adds_nothing(make_cycle, monkeypatch, tmp_path):
     """Tasks with no verifier at all (no answer, default_verifier auto). The teacher judge (a real
     server on loopback, scripted to call an answer with a digit good) agrees with the anchor file

@@ -72,6 +72,20 @@ class Anchors:
         return {"file": self.path, "sha256": self.sha256, "verdicts": len(self.points), "preferences": len(self.pairs)}
 
 
+def stored_anchors(rows: list[dict[str, Any]]) -> Anchors | None:
+    """The teacher's labels kept in the store (store.teacher_anchors) as anchors; None when there are none."""
+    if not rows:
+        return None
+    labels = [[r["kind"], r["prompt"], r["answer"], r["good"], r["answer_b"]] for r in rows]
+    out = Anchors("store: teacher_anchors", hashlib.sha256(json.dumps(labels).encode()).hexdigest())
+    for r in rows:
+        if r["kind"] == "verdict":
+            out.points.append(PointAnchor(r["prompt"], r["answer"], bool(r["good"])))
+        else:
+            out.pairs.append(PairAnchor(r["prompt"], r["answer"], r["answer_b"]))
+    return out
+
+
 def _line_problem(row: Any) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"

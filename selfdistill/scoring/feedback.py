@@ -26,37 +26,86 @@ Gen = dict[str, Any]  # a generation row: id, task_id, text (+ correct when veri
 
 
 def anchor_check(engine: Engine, who: str, cfg: JudgeConfig, gens: Sequence[Gen], prompts: dict[int, str],
-                 adapter: str | None, rng: random.Random, anchors: "Anchors | None" = None) -> JudgeHealth:
+                 adapter: str | None, rng: random.Random, anchors: "Anchors | None" = None,
+                 taught: "Anchors | None" = None) -> JudgeHealth:
     """Measure a judge on up to `cfg.anchor_size` labelled items: first the anchor file's (when
-    given), then this round's answers whose verifier verdict is known (`gen["correct"]` not
-    None). The health's `anchors` says how many items came from each (and which file)."""
+    given), then the teacher's stored labels (`taught`, scoring.self_judge.teacher_anchors), then
+    this round's answers whose verifier verdict is known (`gen["correct"]` not None). The
+    health's `anchors` says how many items came from each (and which file)."""
     known = [g for g in gens if g.get("correct") is not None]
     size = cfg.anchor_size
     if cfg.mode == "pointwise":
-        filed = [(a.prompt, a.answer, a.good) for a in anchors.points] if anchors else []
-        ours = [(prompts[g["task_id"]], g["text"], bool(g["correct"])) for g in known]
-        from_file = _balanced(filed, size, rng)
-        pick = from_file + _balanced(ours, size - len(from_file), rng)
-        source = {"file_items": len(from_file), "verifier_items": len(pick) - len(from_file)}
+        pick: list[tuple[str, str, bool]] = []
+        counts = []
+        for items in ([(a.prompt, a.answer, a.good) for a in anchors.points] if anchors else [],
+                      [(a.prompt, a.answer, a.good) for a in taught.points] if taught else [],
+                      [(prompts[g["task_id"]], g["text"], bool(g["correct"])) for g in known]):
+            took = _balanced(items, size - len(pick), rng)
+            pick += took
+            counts.append(len(took))
         verdicts = judge_pointwise(engine, [(q, a) for q, a, _ in pick], cfg, adapter=adapter) if pick else []
         h = judge_health(anchor_verdicts(verdicts, [good for _, _, good in pick]), cfg)
     else:
-        filed_pairs = [(a.prompt, a.better, a.worse) for a in anchors.pairwise_items()] if anchors else []
         by_task: dict[int, tuple[list[Gen], list[Gen]]] = {}
         for g in known:
             by_task.setdefault(g["task_id"], ([], []))[0 if g["correct"] else 1].append(g)
         ours = [(prompts[good[0]["task_id"]], rng.choice(good)["text"], rng.choice(bad)["text"]) for good, bad in by_task.values() if good and bad]
-        pairs = rng.sample(filed_pairs, min(size, len(filed_pairs)))
-        source = {"file_items": len(pairs), "verifier_items": min(len(ours), size - len(pairs))}
-        pairs += ours[: size - len(pairs)]
+        pairs: list[tuple[str, str, str]] = []
+        counts = []
+        for items, draw in (([(a.prompt, a.better, a.worse) for a in anchors.pairwise_items()] if anchors else [], True),
+                            ([(a.prompt, a.better, a.worse) for a in taught.pairwise_items()] if taught else [], True),
+                            (ours, False)):
+            room = max(0, size - len(pairs))
+            took = rng.sample(items, min(room, len(items))) if draw else items[:room]
+            pairs += took
+            counts.append(len(took))
         # the better answer is passed as `a`; judge_pairwise asks both orders
         verdicts = judge_pairwise(engine, pairs, cfg, adapter=adapter) if pairs else []
         h = judge_health(anchor_verdicts(verdicts, [True] * len(pairs)), cfg)
+    source = dict(zip(("file_items", "teacher_items", "verifier_items"), counts))
     h.anchors = {**source, **({"file": anchors.path, "sha256": anchors.sha256} if anchors else {})}
-    if not source["file_items"] and not source["verifier_items"]:
+    if not any(counts):
         h.reasons = ["no anchor items: no answer this round has a verifier verdict and the judge has no anchor file "
                      f"(set scoring.{who}_judge.anchors, see README 'Anchor files')"]
     return h
+
+
+def teacher_anchor_rows(engine: Engine, cfg: JudgeConfig, mode: str, gens: Sequence[Gen], prompts: dict[int, str], n: int,
+                        rng: random.Random, labelled: set[int], teacher: str, round_id: int | None) -> list[dict[str, Any]]:
+    """Up to `n` anchors the teacher labels from this round's answers (never one already
+    `labelled`, by generation id), as rows for store.add_teacher_anchors. Pointwise: the
+    teacher's 1-10 verdict on one answer (good at 6 or more; an unparseable reply is no anchor).
+    Pairwise: two different answers of one task, asked in both orders; only a preference both
+    orders agree on is kept (`answer` the better). `cfg` is the teacher's judge settings."""
+    fresh = [g for g in gens if g["id"] not in labelled and (g["text"] or "").strip()]
+    rng.shuffle(fresh)
+    rows: list[dict[str, Any]] = []
+    if mode == "pointwise":
+        pick = fresh[: 2 * n]  # some replies will not parse: ask for more, keep n
+        verdicts = judge_pointwise(engine, [(prompts[g["task_id"]], g["text"]) for g in pick], cfg) if pick else []
+        for g, v in zip(pick, verdicts):
+            if v.score is not None and len(rows) < n:
+                rows.append({"kind": "verdict", "prompt": prompts[g["task_id"]], "answer": g["text"], "good": int(v.score >= 6),
+                             "answer_b": None, "teacher": teacher, "round_id": round_id, "generation_ids": [g["id"]],
+                             "details": {"raw": v.raw[:500], "score_1_10": v.score}})
+        return rows
+    by_task: dict[int, list[Gen]] = {}
+    for g in fresh:
+        by_task.setdefault(g["task_id"], []).append(g)
+    matches = []
+    for gs in by_task.values():
+        distinct = list({g["text"].strip(): g for g in gs}.values())
+        if len(distinct) >= 2:
+            matches.append((distinct[0], distinct[1]))
+    matches = matches[: 2 * n]
+    verdicts = judge_pairwise(engine, [(prompts[a["task_id"]], a["text"], b["text"]) for a, b in matches], cfg) if matches else []
+    for (a, b), v in zip(matches, verdicts):
+        if v.winner is not None and len(rows) < n:
+            better, worse = (a, b) if v.winner == "a" else (b, a)
+            rows.append({"kind": "preference", "prompt": prompts[a["task_id"]], "answer": better["text"], "good": None,
+                         "answer_b": worse["text"], "teacher": teacher, "round_id": round_id,
+                         "generation_ids": [better["id"], worse["id"]], "details": {"raw": list(v.raw)}})
+    return rows
 
 
 def _balanced(items: list[tuple[str, str, bool]], n: int, rng: random.Random) -> list[tuple[str, str, bool]]:

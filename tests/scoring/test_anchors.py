@@ -140,7 +140,7 @@ def test_the_anchor_check_uses_the_file_first_then_the_rounds_verified_answers(t
     gens = [{"id": i, "task_id": 1, "text": t, "correct": c} for i, (t, c) in enumerate([("7", True), ("x", False), ("9", True)])]
     h = anchor_check(judge, "teacher", cfg, gens, {1: "q"}, None, random.Random(0), anchors)
     assert h.healthy and h.agreement == 1.0 and h.n == 6, h
-    assert h.anchors == {"file_items": 4, "verifier_items": 2, "file": anchors.path, "sha256": anchors.sha256}
+    assert h.anchors == {"file_items": 4, "teacher_items": 0, "verifier_items": 2, "file": anchors.path, "sha256": anchors.sha256}
     # no file and no verified answer: nothing to measure on, said so with the fix
     h = anchor_check(judge, "teacher", cfg, [dict(g, correct=None) for g in gens], {1: "q"}, None, random.Random(0))
     assert not h.healthy and "set scoring.teacher_judge.anchors" in h.reasons[0]

@@ -134,3 +134,53 @@ def test_a_judge_that_reasons_first_is_asked_to_and_its_last_line_is_the_verdict
     with pytest.raises(PolicyError, match="reason_first needs room for the reasons"):
         parse_policy({"name": "t", "state_dir": "s", "tasks": {"sources": [{"type": "jsonl", "path": "t.jsonl"}]},
                       "scoring": {"teacher_judge": {"enabled": False}, "self_judge": {"enabled": True, "reason_first": True}}}, "p.toml")
+
+
+def test_the_teacher_labels_anchors_once_each_and_keeps_only_readable_verdicts():
+    """scoring.self_judge.teacher_anchors, pointwise: the teacher's 1-10 verdicts on the round's
+    answers (good at 6 or more), an unparseable reply is no anchor, an answer already labelled is
+    never asked again, and no more than n are kept; each row names the teacher, round and answer."""
+    from selfdistill.scoring.feedback import teacher_anchor_rows
+
+    asked: list[str] = []
+
+    def rule(ans):
+        asked.append(ans[0])
+        return "Score: 9" if ans[0] == "42" else ("Score: 3" if ans[0] == "junk" else "fine, I guess")
+
+    gens = GENS[:8] + [{"id": 99, "task_id": 0, "text": "rambling"}]
+    rows = teacher_anchor_rows(Scripted(rule), JudgeConfig(), "pointwise", gens, PROMPTS, 6, random.Random(0),
+                               labelled={0, 1}, teacher="t", round_id=3)
+    assert len(asked) == 7 and len(rows) == 6  # the 7 answers not labelled before; 6 readable verdicts, all kept
+    assert all(r["generation_ids"][0] not in (0, 1, 99) for r in rows)  # labelled before, or unreadable
+    assert {(r["answer"], r["good"]) for r in rows} == {("42", 1), ("junk", 0)}
+    assert all((r["kind"], r["teacher"], r["round_id"]) == ("verdict", "t", 3) for r in rows)
+    assert all(r["prompt"] == PROMPTS[GENS[r["generation_ids"][0]]["task_id"]] for r in rows)
+    rows = teacher_anchor_rows(Scripted(rule), JudgeConfig(), "pointwise", gens, PROMPTS, 2, random.Random(0), set(), "t", 3)
+    assert len(rows) == 2  # never more than asked for
+
+
+def test_teacher_preferences_are_kept_only_where_both_orders_agree():
+    from selfdistill.scoring.feedback import teacher_anchor_rows
+
+    fair = Scripted(lambda ans: "Verdict: A" if ans[0] == "42" else "Verdict: B")
+    rows = teacher_anchor_rows(fair, JudgeConfig(), "pairwise", GENS, PROMPTS, 3, random.Random(0), set(), "t", 1)
+    assert len(rows) == 3 and all((r["kind"], r["answer"], r["answer_b"]) == ("preference", "42", "junk") for r in rows)
+    first = Scripted(lambda ans: "Verdict: A")  # follows the position: no preference survives both orders
+    assert teacher_anchor_rows(first, JudgeConfig(), "pairwise", GENS, PROMPTS, 3, random.Random(0), set(), "t", 1) == []
+
+
+def test_a_self_judge_is_measured_on_the_teachers_stored_labels_first():
+    from selfdistill.scoring.anchors import stored_anchors
+
+    stored = [{"id": i, "kind": "verdict", "prompt": f"q{i}", "answer": a, "good": int(a == "42"), "answer_b": None}
+              for i, a in enumerate(["42", "junk"] * 5)]
+    unverified = [dict(g, correct=None) for g in GENS]  # no verifier verdict this round
+    cfg = JudgeConfig(enabled=True, anchor_size=8)
+    fair = Scripted(lambda ans: "Score: 9" if ans[0] == "42" else "Score: 2")
+    h = anchor_check(fair, "self", cfg, unverified, PROMPTS, None, random.Random(0), taught=stored_anchors(stored))
+    assert h.healthy and h.anchors == {"file_items": 0, "teacher_items": 8, "verifier_items": 0}, (h.anchors, h.reasons)
+    wrong = Scripted(lambda ans: "Score: 2" if ans[0] == "42" else "Score: 9")
+    h = anchor_check(wrong, "self", cfg, unverified, PROMPTS, None, random.Random(0), taught=stored_anchors(stored))
+    assert not h.healthy and h.agreement == 0.0
+    assert stored_anchors([]) is None
