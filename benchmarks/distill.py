@@ -6,10 +6,15 @@ Arms, each the real daemon (`selfdistill init`, `selfdistill run --burst`) on a 
 (`stopping.max_wall_s = --minutes`; the daemon does not start a round the last ones say cannot end
 in time):
 
-- `loop`     today's loop without a teacher: SFT on verified answers, then DPO on verified pairs;
-- `labels`   SFT on the verified answers and the teacher's verified labels (scoring.teacher_label);
-- `distill`  on-policy distillation alone (reverse KL on the student's own samples, training.distill);
-- `policy`   the policy as shipped (cpu-distill: teacher labels, SFT, then distillation).
+- `loop`            today's loop without a teacher: SFT on verified answers, then DPO on verified pairs;
+- `labels`          SFT on the verified answers and the teacher's verified labels (scoring.teacher_label):
+                    policies/cpu-distill.toml as shipped;
+- `distill`         on-policy distillation alone (reverse KL on the student's own samples, training.distill);
+- `labels_distill`  teacher labels, SFT, then on-policy distillation in the same round (cpu-distill's
+                    policy until 2026-12-05, when this benchmark measured it against the others).
+
+The distillation arms use the policy's [training.distill] table, or where it has none the settings
+measured on 2026-12-05 (DISTILL: two samples a task scored by the teacher, at least 32, two passes).
 
 Then one vLLM engine scores, greedily and with the project's verifiers, the base and each arm's
 final checkpoint on the gate's held-out items and on the audit split (never trained on, never seen
@@ -42,7 +47,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bootstrap import summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
-ARMS = ("loop", "labels", "distill", "policy")
+ARMS = ("loop", "labels", "distill", "labels_distill")
+DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
 
 
 def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: float | None = None, rounds: int = 100) -> Path:
@@ -74,9 +80,10 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
         tr.pop("distill", None)
         tr["algorithm"] = "sft"
         sc["teacher_label"] = True
-    elif arm == "distill":
-        tr["algorithm"] = "distill"
-        sc["teacher_label"] = False
+    else:  # distill, labels_distill
+        tr["algorithm"] = "distill" if arm == "distill" else "sft_then_distill"
+        tr.setdefault("distill", dict(DISTILL))
+        sc["teacher_label"] = arm == "labels_distill"
     data.setdefault("logging", {})["format"] = "json"
     (out / arm).mkdir(parents=True, exist_ok=True)
     p = out / arm / "policy.toml"
