@@ -7,8 +7,9 @@ Arms, each the real daemon (`selfdistill init`, `selfdistill run --burst`) on a 
 in time):
 
 - `loop`            today's loop without a teacher: SFT on verified answers, then DPO on verified pairs;
-- `labels`          SFT on the verified answers and the teacher's verified labels (scoring.teacher_label):
-                    policies/cpu-distill.toml as shipped;
+- `labels`          SFT on the verified answers and the teacher's verified labels (scoring.teacher_label);
+- `labels_loop`     the loop's SFT then DPO, with the teacher's verified labels among the SFT examples
+                    (policies/cpu-distill.toml as shipped);
 - `distill`         on-policy distillation alone (reverse KL on the student's own samples, training.distill);
 - `labels_distill`  teacher labels, SFT, then on-policy distillation in the same round (cpu-distill's
                     policy until 2026-12-05, when this benchmark measured it against the others).
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bootstrap import summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
-ARMS = ("loop", "labels", "distill", "labels_distill")
+ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill")
 DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
 
 
@@ -68,12 +69,13 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
     st["max_rounds"] = rounds
     st.pop("plateau_rounds", None)
     tr, sc, pairs = data.setdefault("training", {}), data.setdefault("scoring", {}), data.setdefault("pairs", {})
-    if arm == "loop":
-        data.pop("teacher")
-        st.pop("max_teacher_tokens", None)
+    if arm in ("loop", "labels_loop"):
+        if arm == "loop":
+            data.pop("teacher")
+            st.pop("max_teacher_tokens", None)
         tr.pop("distill", None)
         tr["algorithm"] = "sft_then_dpo"
-        sc["teacher_label"] = False
+        sc["teacher_label"] = arm == "labels_loop"
         pairs.update(strategy="verified_chosen", max_pairs_per_task=1)  # policies/cpu-demo.toml's pairs
         tr.setdefault("min_pairs", 8)
     elif arm == "labels":
