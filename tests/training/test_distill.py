@@ -75,7 +75,11 @@ def test_distillation_moves_probability_towards_the_teachers_answers(make_spec, 
     assert run_round(flipped).status == "succeeded"
     before = _margin(tiny_base, None)
     up, down = _margin(tiny_base, spec.output_dir) - before, _margin(tiny_base, flipped.output_dir) - before
-    assert up > 0.1 and down < -0.1, (before, up, down, m)
+    # The two rounds differ only in which answer the teacher prefers, and start from the same LoRA
+    # (the spec's seed): the teacher's preference must decide where the margin goes. The base already
+    # prefers the right answer by a wide margin (about 31 nats), so the flipped teacher moves it far
+    # and the agreeing one little either way: compare the two runs, not the first with the base.
+    assert down < -0.1 and up - down > 0.5, (before, up, down, m)
 
 
 def test_too_few_scored_samples_skip_with_the_reason(make_spec, tok, tmp_path):
