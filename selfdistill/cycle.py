@@ -518,7 +518,7 @@ class Cycle:
         events: list[dict[str, Any]] = []
         prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
         known = [{**g, "correct": verdicts.get(g["id"])} for g in gens]
-        taught = self.teacher_anchors(rid, gens, prompts, events) if sc.self_judge.enabled else []
+        labelled, taught = self.teacher_anchors(rid, gens, prompts, events) if sc.self_judge.enabled else ([], [])
         for who, cfg in (("self", sc.self_judge), ("teacher", sc.teacher_judge)):
             if not cfg.enabled:
                 continue
@@ -528,7 +528,7 @@ class Cycle:
                 last = self.store.latest_judge_health(who)
                 if last is None or rid - (last["round_id"] or 0) >= cfg.recheck_every_rounds or (who == "self" and taught):
                     anchors = load_anchors(cfg.anchors) if cfg.anchors is not None else None
-                    labels = stored_anchors(self.store.teacher_anchors() + taught) if who == "self" and cfg.teacher_anchors else None
+                    labels = stored_anchors(labelled) if who == "self" else None
                     h = anchor_check(engine, who, cfg, known, prompts, adapter, random.Random(rid), anchors, labels)
                     health.append({"judge": who, "healthy": h.healthy, "agreement": h.agreement, "position_bias": h.position_bias,
                                    "distinct_scores": h.distinct_scores,
@@ -551,19 +551,23 @@ class Cycle:
                                "message": f"{who} judge skipped this round: {e}", "level": "warning", "round_id": rid})
         return rows, health, events, taught
 
-    def teacher_anchors(self, rid: int, gens: list[dict], prompts: dict[int, str], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """New anchors for the self judge, labelled by the teacher from this round's answers until
-        the store holds scoring.self_judge.teacher_anchors of them; none once it does. A teacher that
-        fails or whose budget is spent labels nothing this round (an event says so); the self judge
-        is then measured on what it has."""
+    def teacher_anchors(self, rid: int, gens: list[dict], prompts: dict[int, str],
+                        events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(every teacher label the self judge is measured on, the new ones to store): new anchors are
+        labelled by the teacher from this round's answers until the store holds
+        scoring.self_judge.teacher_anchors of them; none once it does. A teacher that fails or whose
+        budget is spent labels nothing this round (an event says so); the self judge is then measured
+        on what it has."""
         from selfdistill.errors import EngineError
         from selfdistill.scoring.feedback import teacher_anchor_rows
 
         cfg = self.policy.scoring.self_judge
+        if not cfg.teacher_anchors:
+            return [], []
         stored = self.store.teacher_anchors()
         need = cfg.teacher_anchors - len(stored)
         if need <= 0:
-            return []
+            return stored, []
         labelled = {gid for r in stored for gid in r["generation_ids"]}
         try:
             rows = teacher_anchor_rows(self.teacher("anchor", rid), self.policy.scoring.teacher_judge, cfg.mode, gens, prompts, need,
@@ -572,9 +576,9 @@ class Cycle:
             log("teacher unavailable", logging.WARNING, round=rid, error=str(e))
             events.append({"kind": "teacher_unavailable", "message": f"teacher anchor labels skipped this round: {e}",
                            "level": "warning", "round_id": rid})
-            return []
+            return stored, []
         log("teacher labelled anchors", round=rid, new=len(rows), stored=len(stored) + len(rows), wanted=cfg.teacher_anchors)
-        return rows
+        return stored + rows, rows
 
     # pair ------------------------------------------------------------------------------------
 

@@ -67,5 +67,3 @@ def spell_bootstrap(tmp_path_factory):
     from learning_helpers import bootstrapped
 
     return bootstrapped(tmp_path_factory.mktemp("spell") / "model")
-
-

@@ -80,14 +80,18 @@ def teacher_anchor_rows(engine: Engine, cfg: JudgeConfig, mode: str, gens: Seque
     fresh = [g for g in gens if g["id"] not in labelled and (g["text"] or "").strip()]
     rng.shuffle(fresh)
     rows: list[dict[str, Any]] = []
+
+    def row(kind: str, task_id: int, answer: Gen, good: int | None, worse: Gen | None, details: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": kind, "prompt": prompts[task_id], "answer": answer["text"], "good": good,
+                "answer_b": worse["text"] if worse else None, "teacher": teacher, "round_id": round_id,
+                "generation_ids": [answer["id"]] + ([worse["id"]] if worse else []), "details": details}
+
     if mode == "pointwise":
         pick = fresh[: 2 * n]  # some replies will not parse: ask for more, keep n
         verdicts = judge_pointwise(engine, [(prompts[g["task_id"]], g["text"]) for g in pick], cfg) if pick else []
         for g, v in zip(pick, verdicts):
             if v.score is not None and len(rows) < n:
-                rows.append({"kind": "verdict", "prompt": prompts[g["task_id"]], "answer": g["text"], "good": int(v.score >= 6),
-                             "answer_b": None, "teacher": teacher, "round_id": round_id, "generation_ids": [g["id"]],
-                             "details": {"raw": v.raw[:500], "score_1_10": v.score}})
+                rows.append(row("verdict", g["task_id"], g, int(v.score >= 6), None, {"raw": v.raw[:500], "score_1_10": v.score}))
         return rows
     by_task: dict[int, list[Gen]] = {}
     for g in fresh:
@@ -102,9 +106,7 @@ def teacher_anchor_rows(engine: Engine, cfg: JudgeConfig, mode: str, gens: Seque
     for (a, b), v in zip(matches, verdicts):
         if v.winner is not None and len(rows) < n:
             better, worse = (a, b) if v.winner == "a" else (b, a)
-            rows.append({"kind": "preference", "prompt": prompts[a["task_id"]], "answer": better["text"], "good": None,
-                         "answer_b": worse["text"], "teacher": teacher, "round_id": round_id,
-                         "generation_ids": [better["id"], worse["id"]], "details": {"raw": list(v.raw)}})
+            rows.append(row("preference", a["task_id"], better, None, worse, {"raw": list(v.raw)}))
     return rows
 
 
