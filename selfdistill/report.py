@@ -26,7 +26,7 @@ def _collect(store: Store) -> dict[str, Any]:
     heldout = store.evaluations("heldout")
     pairs = store.query("SELECT round_id, count(*) AS n FROM pairs GROUP BY round_id")
     sft = store.query("SELECT round_id, count(*) AS n FROM sft_examples GROUP BY round_id")
-    judges = store.query("SELECT * FROM judge_health ORDER BY id")
+    judges = store.judge_checks()
     return {"rounds": rounds, "teacher_usage": {r["id"]: store.teacher_usage(r["id"]) for r in rounds},
             "phases": phases, "heldout": heldout, "pairs": {r["round_id"]: r["n"] for r in pairs},
             "sft": {r["round_id"]: r["n"] for r in sft}, "judges": judges}
@@ -105,9 +105,11 @@ def _plots(d: dict[str, Any]) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(7, 3))
         for judge in sorted({j["judge"] for j in d["judges"]}):
             rows = [j for j in d["judges"] if j["judge"] == judge]
-            ax.plot(range(len(rows)), [j["agreement"] or 0 for j in rows], marker="o", label=f"{judge}: agreement")
-            ax.plot(range(len(rows)), [j["position_bias"] or 0 for j in rows], marker="x", linestyle="--", label=f"{judge}: position bias")
-        ax.set_xlabel("check")
+            xs = [j["round_id"] if j["round_id"] is not None else 0 for j in rows]  # 0: checked before the first round
+            ax.plot(xs, [j["agreement"] or 0 for j in rows], marker="o", label=f"{judge}: agreement")
+            ax.plot(xs, [j["position_bias"] or 0 for j in rows], marker="x", linestyle="--", label=f"{judge}: position bias")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round of the check")
         ax.set_title("Judge health")
         ax.legend(fontsize=7)
         out["judges"] = _png(fig)
@@ -169,6 +171,12 @@ def write_report(policy, out: Path | None = None) -> Path:
         f"<td class='{'ok' if s['current_ok'] else 'bad'}'><pre>{e(s['current'] or '-')}</pre></td></tr>"
         for s in samples
     )
+    judge_rows = "".join(_judge_row(j) for j in d["judges"])
+    judges = ("<h2>Judge checks</h2><p>Each measurement of a judge on its anchors, oldest first (re-measured every "
+              "<code>recheck_every_rounds</code> and whenever the teacher labels new anchors); an unhealthy judge scores nothing "
+              "until a later check passes.</p><table><tr><th>round</th><th>judge</th><th>healthy</th><th>agreement</th>"
+              "<th>position bias</th><th>distinct scores</th><th>unparseable</th><th>items</th><th>anchors: file / teacher / verifier</th>"
+              f"<th>reasons</th></tr>{judge_rows}</table>") if judge_rows else ""
     imgs = "".join(f"<h2>{e(k.title())}</h2><img alt='{e(k)}' src='data:image/png;base64,{v}'>" for k, v in plots.items())
     out.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>selfdistill report: {e(policy.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;font-size:13px}}
@@ -181,9 +189,23 @@ Base held-out accuracy {acc(base)}; current {acc(now)}. Correct means the verifi
 <h2>Rounds</h2><table><tr><th>round</th><th>phase</th><th>decision</th><th>incumbent</th><th>candidate</th>
 <th>inc. acc</th><th>cand. acc</th><th>p</th><th>RL: reward / pass / clip / KL; distill: reverse KL / teacher tokens;
 teacher tokens by use</th><th>reasons</th></tr>{rows}</table>
+{judges}
 <h2>Sample answers (same held-out items)</h2><table><tr><th>question</th><th>reference</th><th>base</th><th>current ({e(cur)})</th></tr>{sample_rows}</table>
 </body></html>""")
     return out
+
+
+def _judge_row(j: dict[str, Any]) -> str:
+    """One judge_health row: when, which judge, its figures, where its anchor items came from, why."""
+    det = j["details"] or {}
+    a = det.get("anchors") or {}
+    src = " / ".join(str(a.get(k, "-")) for k in ("file_items", "teacher_items", "verifier_items"))
+    e = html.escape
+    return (f"<tr><td>{j['round_id'] if j['round_id'] is not None else '-'}</td><td>{e(j['judge'])}</td>"
+            f"<td class='{'ok' if j['healthy'] else 'bad'}'>{'yes' if j['healthy'] else 'no'}</td><td>{_f(j['agreement'])}</td>"
+            f"<td>{_f(j['position_bias'])}</td><td>{j['distinct_scores'] if j['distinct_scores'] is not None else '-'}</td>"
+            f"<td>{_f(det.get('unparseable'))}</td><td>{det.get('n', '-')}</td><td>{e(src)}</td>"
+            f"<td>{e('; '.join(det.get('reasons') or []))}</td></tr>")
 
 
 def _rl_cell(metrics: dict[str, Any], used: dict[str, dict[str, int]] | None = None) -> str:

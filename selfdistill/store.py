@@ -695,6 +695,10 @@ class Store:
         rows = self.query("SELECT * FROM judge_health WHERE judge = ? ORDER BY id DESC LIMIT 1", (judge,))
         return _decode(rows[0]) if rows else None
 
+    def judge_checks(self) -> list[dict[str, Any]]:
+        """Every judge_health row, oldest first, details decoded."""
+        return [_decode(r) for r in self.query("SELECT * FROM judge_health ORDER BY id")]
+
     def add_teacher_anchors(self, rows: list[dict[str, Any]]) -> int:
         """Anchors the teacher labelled (kind, prompt, answer, good or answer_b, teacher, round_id,
         generation_ids, details); joins the score phase's transaction."""

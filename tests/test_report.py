@@ -33,6 +33,11 @@ def _state(tmp_path):
                            reasons=["because"])
         if decision == "promote":
             store.commit_promotion(f"ckpt-00000{rid}", "test", r)
+    # the self-judge checked at round 1 and re-measured at round 2, where it fell below its thresholds
+    store.add_judge_health("self", True, 0.81, 0.05, 6, {"reasons": [], "n": 32, "unparseable": 0.0,
+                                                        "anchors": {"file_items": 20, "teacher_items": 12, "verifier_items": 0}}, 1)
+    store.add_judge_health("self", False, 0.52, 0.31, 2, {"reasons": ["agreement 0.52 < 0.7"], "n": 40, "unparseable": 0.125,
+                                                         "anchors": {"file_items": 20, "teacher_items": 20, "verifier_items": 0}}, 2)
     store.add_teacher_usage(1, "t", "distill", "token_logprobs", 40, 0, 7322, 1.0)
     store.add_teacher_usage(1, "t", "label", "generate", 4, 40, 12, 0.5)
     return policy, store
@@ -52,6 +57,11 @@ def test_report_has_plots_rounds_and_samples(tmp_path):
     # a distillation round, its reverse KL to the teacher and the teacher tokens it cost
     assert "distill 4.261 / 7322" in html
     assert "teacher distill 7322, label 52 tokens" in html  # what the teacher cost the round, by use (teacher_usage)
+    # every judge check, the periodic re-measurement included, with where its anchors came from and why it failed
+    checks = re.findall(r"<tr><td>(\d+)</td><td>self</td><td class='(ok|bad)'>(yes|no)</td><td>([\d.]+)</td><td>([\d.]+)</td>"
+                        r"<td>(\d+)</td><td>([\d.]+)</td><td>(\d+)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", html)
+    assert checks == [("1", "ok", "yes", "0.810", "0.050", "6", "0.000", "32", "20 / 12 / 0", ""),
+                      ("2", "bad", "no", "0.520", "0.310", "2", "0.125", "40", "20 / 20 / 0", "agreement 0.52 &lt; 0.7")], checks
 
 
 def test_summary_table(tmp_path, capsys):
