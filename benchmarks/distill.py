@@ -12,7 +12,17 @@ in time):
                     (policies/cpu-distill.toml as shipped);
 - `distill`         on-policy distillation alone (reverse KL on the student's own samples, training.distill);
 - `labels_distill`  teacher labels, SFT, then on-policy distillation in the same round (cpu-distill's
-                    policy until 2026-12-05, when this benchmark measured it against the others).
+                    policy until 2026-12-05, when this benchmark measured it against the others);
+- `grpo`            no teacher: the group-relative policy gradient on the round's own samples, rewarded
+                    1/0 by the verifier (training.rl);
+- `sft_then_grpo`   no teacher: SFT on verified answers, then the policy gradient, in one round.
+
+The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
+student (`--arms loop,grpo,sft_then_grpo`); they use the policy's [training.rl] table, or where it
+has none RL below. When no chosen arm uses the teacher and its directory does not exist, the
+teacher's ceiling is left out. Per arm also the answers' diversity (distinct answers per task among
+a round's samples) and the samples' pass rate, averaged over the rounds: RL is known to trade
+diversity for pass@1.
 
 The distillation arms use the policy's [training.distill] table, or where it has none the settings
 measured on 2026-12-05 (DISTILL: two samples a task scored by the teacher, at least 32, two passes).
@@ -48,8 +58,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bootstrap import summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
-ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill")
+ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo")
+TEACHER_FREE = ("loop", "grpo", "sft_then_grpo")
 DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
+# the RL arms' stage where the policy has no [training.rl]: the gate counts full correctness, so the
+# reward does too; the learning rate is the stage's default (training.learning_rate / 4)
+RL = {"reward": "correct", "passes": 2, "min_groups": 8}
 
 
 def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: float | None = None, rounds: int = 100) -> Path:
@@ -69,10 +83,16 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
     st["max_rounds"] = rounds
     st.pop("plateau_rounds", None)
     tr, sc, pairs = data.setdefault("training", {}), data.setdefault("scoring", {}), data.setdefault("pairs", {})
-    if arm in ("loop", "labels_loop"):
-        if arm == "loop":
-            data.pop("teacher")
-            st.pop("max_teacher_tokens", None)
+    if arm in TEACHER_FREE:
+        data.pop("teacher")
+        st.pop("max_teacher_tokens", None)
+        sc["teacher_label"] = False
+        sc.get("self_judge", {}).pop("teacher_anchors", None)
+    if arm in ("grpo", "sft_then_grpo"):
+        tr.pop("distill", None)
+        tr["algorithm"] = arm
+        tr.setdefault("rl", dict(RL))
+    elif arm in ("loop", "labels_loop"):
         tr.pop("distill", None)
         tr["algorithm"] = "sft_then_dpo"
         sc["teacher_label"] = arm == "labels_loop"
@@ -108,11 +128,21 @@ def arm_figures(policy, audit_n: int) -> dict[str, Any]:
             "final": current["id"], "path": current["path"] if current["id"] != "base" else None,
             "teacher": store.teacher_usage(), "teacher_tokens": store.total_teacher_tokens(),
             "phase_s": {k: round(v, 1) for k, v in sorted(phases.items())},
+            **sample_figures(store),
             "gate": store.tasks(split="heldout", limit=policy.evaluation.heldout_items),
             "audit": store.tasks(split="audit", limit=audit_n),
         }
     finally:
         store.close()
+
+
+def sample_figures(store) -> dict[str, Any]:
+    """The round samples' diversity (distinct answers per task) and verifier pass rate, averaged over rounds."""
+    div = store.query("SELECT avg(d) AS d FROM (SELECT round_id, avg(n) AS d FROM (SELECT round_id, count(DISTINCT text) AS n "
+                      "FROM generations WHERE purpose = 'train' GROUP BY round_id, task_id) GROUP BY round_id)")[0]["d"]
+    passed = store.query("SELECT avg(s.correct) AS p FROM scores s JOIN generations g ON g.id = s.generation_id "
+                         "WHERE g.purpose = 'train' AND s.scorer LIKE 'verifier:%'")[0]["p"]
+    return {"distinct_answers_per_task": None if div is None else round(div, 2), "sample_pass_rate": None if passed is None else round(passed, 3)}
 
 
 def main() -> None:
@@ -131,7 +161,8 @@ def main() -> None:
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     src = load_policy(a.policy)
-    if src.teacher is None or not Path(src.teacher.model or "").is_dir():
+    ceiling = src.teacher is not None and Path(src.teacher.model or "").is_dir()
+    if not ceiling and not set(arms) <= set(TEACHER_FREE):
         raise SystemExit(f"{a.policy}: its teacher {src.teacher.model if src.teacher else None} is not a model directory; "
                          "make it first: .venv/bin/python benchmarks/teacher.py --out state/teacher")
     figures: dict[str, Any] = {}
@@ -187,31 +218,38 @@ def main() -> None:
         for split, tasks in items.items():
             correct[split][arm] = score(tasks, arm)
     engine.close()
-    teacher = make_engine(src.engine, Path(src.teacher.model), lora_rank=None, cache_dir=out / "cache-teacher")
-    score = scorer(teacher)
-    for split, tasks in items.items():
-        correct[split]["teacher"] = score(tasks, None)
-    teacher.close()
+    if ceiling:
+        teacher = make_engine(src.engine, Path(src.teacher.model), lora_rank=None, cache_dir=out / "cache-teacher")
+        score = scorer(teacher)
+        for split, tasks in items.items():
+            correct[split]["teacher"] = score(tasks, None)
+        teacher.close()
     eval_s = time.time() - t
 
-    models = ["base", *arms, "teacher"]
+    models = ["base", *arms, *(["teacher"] if ceiling else [])]
     results = {split: {m: {**summary(c[m]), **({"p_vs_base": mcnemar_one_sided(*discordant(c[m], c["base"]))} if m != "base" else {})}
                        for m in models} for split, c in correct.items()}
     report = {"policy": str(a.policy), "minutes_per_arm": a.minutes, "arms": {k: {x: v for x, v in f.items() if x not in ("gate", "audit")}
                                                                               for k, f in figures.items()},
               "results": results, "eval_s": round(eval_s, 1), "total_s": round(time.time() - t0, 1)}
     (out / "distill.json").write_text(json.dumps(report, indent=2))
-    lines = ["| model | audit acc [95% CI] | p vs base | gate items acc [95% CI] | rounds (promoted) | teacher tokens | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | audit acc [95% CI] | p vs base | gate items acc [95% CI] | rounds (promoted) | teacher tokens "
+             "| samples' pass rate | distinct answers/task | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         au, g = results["audit"][m], results["gate"][m]
         f = figures.get(m)
-        extra = (f"{f['rounds']} ({f['decisions'].count('promote')}) | {f['teacher_tokens']:,} | {f['wall_s']:.0f}" if f else "- | - | -")
+        extra = (f"{f['rounds']} ({f['decisions'].count('promote')}) | {f['teacher_tokens']:,} | {_f(f['sample_pass_rate'], 3)} | "
+                 f"{_f(f['distinct_answers_per_task'], 2)} | {f['wall_s']:.0f}" if f else "- | - | - | - | -")
         p = f"{au['p_vs_base']:.2g}" if "p_vs_base" in au else "-"
         lines.append(f"| {m} | {cell(au)} | {p} | {cell(g)} | {extra} |")
     (out / "distill.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(report, indent=2))
     print("\n".join(lines))
+
+
+def _f(v: Any, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 if __name__ == "__main__":

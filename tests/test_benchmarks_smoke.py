@@ -58,6 +58,29 @@ def test_distill_benchmark_runs(tmp_path, tiny_model_dir):
     assert "| teacher |" in table and "| distill |" in table
 
 
+def test_distill_benchmark_rl_arm_without_a_teacher(tmp_path, tiny_model_dir):
+    """The RL issue's comparison arm on the distillation benchmark: the policy's teacher directory
+    does not exist and no chosen arm needs it, so the run goes on without the teacher's ceiling;
+    the arm's samples' pass rate and diversity come from its store."""
+    from sd_testutil import merged, tiny_policy_data, write_policy
+
+    policy = write_policy(tmp_path / "tiny-rl.toml", merged(tiny_policy_data(tiny_model_dir, "transformers"), {
+        "teacher": {"kind": "transformers", "model": str(tmp_path / "no-teacher-here"), "max_tokens": 12},
+        "training": {"rl": {"reward": "correct", "min_groups": 1}}}))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill.py"), "--policy", str(policy), "--out", str(tmp_path / "out"),
+                        "--arms", "grpo", "--minutes", "10", "--rounds", "1", "--audit", "10"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    res = json.loads((tmp_path / "out" / "distill.json").read_text())
+    arm = res["arms"]["grpo"]
+    assert arm["rounds"] == 1 and arm["decisions"][0] in ("promote", "reject") and arm["teacher_tokens"] == 0, arm  # it trained
+    assert 0 <= arm["sample_pass_rate"] <= 1 and arm["distinct_answers_per_task"] >= 1, arm
+    assert set(res["results"]["audit"]) == {"base", "grpo"}  # no teacher, no ceiling
+    written = (tmp_path / "out" / "grpo" / "policy.toml").read_text()
+    assert 'algorithm = "grpo"' in written and "[teacher]" not in written
+    table = (tmp_path / "out" / "distill.md").read_text()
+    assert "| grpo |" in table and "| teacher |" not in table and "distinct answers/task" in table
+
+
 def test_self_judge_benchmark_runs(tmp_path, tiny_model_dir):
     """benchmarks/self_judge.py end to end at toy sizes: the verifier arm and the judge-only arm on
     one split, the judge arm's tasks written without answers, scored afterwards by the verifier."""
