@@ -18,9 +18,10 @@ in time):
 - `sft_then_grpo`   no teacher: SFT on verified answers, then the policy gradient, in one round.
 
 The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
-student (`--arms loop,grpo,sft_then_grpo`); they use the policy's [training.rl] table, or where it
-has none RL below. When no chosen arm uses the teacher and its directory does not exist, the
-teacher's ceiling is left out. Per arm also the answers' diversity (distinct answers per task among
+student (`--policy policies/cpu-demo.toml --arms loop,grpo,sft_then_grpo`: the loop is then the
+demo's own); they use the policy's [training.rl] table, or where it has none RL below. When no
+chosen arm uses the teacher and the policy has none, or its directory does not exist, the teacher's
+ceiling is left out. Per arm also the answers' diversity (distinct answers per task among
 a round's samples) and the samples' pass rate, averaged over the rounds: RL is known to trade
 diversity for pass@1.
 
@@ -72,10 +73,11 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
     data = tomllib.loads(src.read_text())
     if audit_fraction is not None:
         data.setdefault("tasks", {})["audit_fraction"] = audit_fraction
-    teacher = dict(data["teacher"])
-    if teacher.get("model", "").startswith("."):
-        teacher["model"] = str((src.parent / teacher["model"]).resolve())
-    data["teacher"] = teacher
+    if "teacher" in data:
+        teacher = dict(data["teacher"])
+        if teacher.get("model", "").startswith("."):
+            teacher["model"] = str((src.parent / teacher["model"]).resolve())
+        data["teacher"] = teacher
     data["name"] = f"bench-distill-{arm}"
     data["state_dir"] = str((out / arm / "state").resolve())
     st = data.setdefault("stopping", {})
@@ -84,7 +86,7 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
     st.pop("plateau_rounds", None)
     tr, sc, pairs = data.setdefault("training", {}), data.setdefault("scoring", {}), data.setdefault("pairs", {})
     if arm in TEACHER_FREE:
-        data.pop("teacher")
+        data.pop("teacher", None)
         st.pop("max_teacher_tokens", None)
         sc["teacher_label"] = False
         sc.get("self_judge", {}).pop("teacher_anchors", None)
