@@ -151,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-distill.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "distill")
-    add_arm_options(ap, ARMS, minutes=8.0)
+    add_arm_options(ap, ARMS, minutes=8.0, default=tuple(a for a in ARMS if a not in ("grpo", "sft_then_grpo")))
     ap.add_argument("--audit-fraction", type=float, default=0.2, help="tasks.audit_fraction of every arm (the policy's 0.1 holds ~100 items)")
     a = ap.parse_args()
     arms = chosen_arms(a, ARMS)

@@ -84,11 +84,12 @@ def cell(fig: dict[str, Any]) -> str:
     return f"{fig['accuracy']:.3f} [{fig['ci'][0]:.3f}, {fig['ci'][1]:.3f}] (n={fig['n']})"
 
 
-def add_arm_options(ap: argparse.ArgumentParser, arms: tuple[str, ...], minutes: float) -> None:
-    """The options every side-by-side benchmark of arms shares."""
+def add_arm_options(ap: argparse.ArgumentParser, arms: tuple[str, ...], minutes: float, default: tuple[str, ...] | None = None) -> None:
+    """The options every side-by-side benchmark of arms shares (`default`: the arms run unless
+    --arms says otherwise; all of them when None)."""
     ap.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget of each arm's daemon run")
     ap.add_argument("--rounds", type=int, default=100, help="at most this many rounds an arm (the clock decides unless smaller)")
-    ap.add_argument("--arms", default=",".join(arms), help=f"comma-separated, of {', '.join(arms)}")
+    ap.add_argument("--arms", default=",".join(default or arms), help=f"comma-separated, of {', '.join(arms)} (default: %(default)s)")
     ap.add_argument("--audit", type=int, default=300, help="audit items scored (at most)")
 
 
