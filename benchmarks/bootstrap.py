@@ -104,6 +104,15 @@ format = "json"
 """
 
 
+def round_samples(db: Path, round_id: int) -> tuple[float | None, float | None]:
+    """A round's own samples (purpose 'train'): distinct answers per task, and the verifier's pass rate."""
+    div = rows(db, "SELECT avg(n) AS d FROM (SELECT count(DISTINCT text) AS n FROM generations WHERE round_id = ? AND purpose = 'train' "
+                   "GROUP BY task_id)", (round_id,))[0]["d"]
+    passed = rows(db, "SELECT avg(s.correct) AS p FROM scores s JOIN generations g ON g.id = s.generation_id "
+                      "WHERE g.round_id = ? AND g.purpose = 'train' AND s.scorer LIKE 'verifier:%'", (round_id,))[0]["p"]
+    return div, passed
+
+
 def rows(db: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Rows of a query on a daemon's store, as dicts (read-only use)."""
     import sqlite3

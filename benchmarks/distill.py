@@ -56,11 +56,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bootstrap import summary  # noqa: E402
+from bootstrap import round_samples, summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
 ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo")
-TEACHER_FREE = ("loop", "grpo", "sft_then_grpo")
+RL_ARMS = ("grpo", "sft_then_grpo")
+TEACHER_FREE = ("loop", *RL_ARMS)
 DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
 # the RL arms' stage where the policy has no [training.rl]: the gate counts full correctness, so the
 # reward does too; the learning rate is the stage's default (training.learning_rate / 4)
@@ -90,7 +91,7 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
         st.pop("max_teacher_tokens", None)
         sc["teacher_label"] = False
         sc.get("self_judge", {}).pop("teacher_anchors", None)
-    if arm in ("grpo", "sft_then_grpo"):
+    if arm in RL_ARMS:
         tr.pop("distill", None)
         tr["algorithm"] = arm
         tr.setdefault("rl", dict(RL))
@@ -130,7 +131,7 @@ def arm_figures(policy, audit_n: int) -> dict[str, Any]:
             "final": current["id"], "path": current["path"] if current["id"] != "base" else None,
             "teacher": store.teacher_usage(), "teacher_tokens": store.total_teacher_tokens(),
             "phase_s": {k: round(v, 1) for k, v in sorted(phases.items())},
-            **sample_figures(store),
+            **sample_figures(policy.state_dir / DB_NAME, [r["id"] for r in rounds]),
             "gate": store.tasks(split="heldout", limit=policy.evaluation.heldout_items),
             "audit": store.tasks(split="audit", limit=audit_n),
         }
@@ -138,20 +139,22 @@ def arm_figures(policy, audit_n: int) -> dict[str, Any]:
         store.close()
 
 
-def sample_figures(store) -> dict[str, Any]:
-    """The round samples' diversity (distinct answers per task) and verifier pass rate, averaged over rounds."""
-    div = store.query("SELECT avg(d) AS d FROM (SELECT round_id, avg(n) AS d FROM (SELECT round_id, count(DISTINCT text) AS n "
-                      "FROM generations WHERE purpose = 'train' GROUP BY round_id, task_id) GROUP BY round_id)")[0]["d"]
-    passed = store.query("SELECT avg(s.correct) AS p FROM scores s JOIN generations g ON g.id = s.generation_id "
-                         "WHERE g.purpose = 'train' AND s.scorer LIKE 'verifier:%'")[0]["p"]
-    return {"distinct_answers_per_task": None if div is None else round(div, 2), "sample_pass_rate": None if passed is None else round(passed, 3)}
+def sample_figures(db: Path, round_ids: list[int]) -> dict[str, Any]:
+    """The rounds' samples: diversity (distinct answers per task) and verifier pass rate, each averaged over the rounds that have it."""
+    per_round = [round_samples(db, rid) for rid in round_ids]
+
+    def mean(i: int, digits: int) -> float | None:
+        vals = [r[i] for r in per_round if r[i] is not None]
+        return round(sum(vals) / len(vals), digits) if vals else None
+
+    return {"distinct_answers_per_task": mean(0, 2), "sample_pass_rate": mean(1, 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-distill.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "distill")
-    add_arm_options(ap, ARMS, minutes=8.0, default=tuple(a for a in ARMS if a not in ("grpo", "sft_then_grpo")))
+    add_arm_options(ap, ARMS, minutes=8.0, default=tuple(a for a in ARMS if a not in RL_ARMS))
     ap.add_argument("--audit-fraction", type=float, default=0.2, help="tasks.audit_fraction of every arm (the policy's 0.1 holds ~100 items)")
     a = ap.parse_args()
     arms = chosen_arms(a, ARMS)

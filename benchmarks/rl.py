@@ -60,7 +60,7 @@ def policy_text(model_dir: Path, training: str, alpha: float, per_round: int = 5
 
 
 def run_arm(name: str, model_dir: Path, out: Path, rounds: int, alpha: float, reuse: bool = False, per_round: int = 500) -> dict[str, Any]:
-    from bootstrap import rows
+    from bootstrap import round_samples, rows
 
     d = out / name
     db = d / "state" / "selfdistill.db"
@@ -79,10 +79,7 @@ def run_arm(name: str, model_dir: Path, out: Path, rounds: int, alpha: float, re
     per_round = []
     for r in rows(db, "SELECT id, decision, metrics FROM rounds ORDER BY id"):
         m = json.loads(r["metrics"] or "{}")
-        div = rows(db, "SELECT avg(n) AS d FROM (SELECT count(DISTINCT text) AS n FROM generations WHERE round_id = ? AND purpose = 'train' "
-                       "GROUP BY task_id)", (r["id"],))[0]["d"]
-        passed = rows(db, "SELECT avg(s.correct) AS p FROM scores s JOIN generations g ON g.id = s.generation_id "
-                          "WHERE g.round_id = ? AND g.purpose = 'train' AND s.scorer LIKE 'verifier:%'", (r["id"],))[0]["p"]
+        div, passed = round_samples(db, r["id"])
         phases = {p["phase"]: round(p["duration_s"] or 0, 1) for p in rows(db, "SELECT phase, duration_s FROM phases WHERE round_id = ?", (r["id"],))}
         cand = rows(db, "SELECT c.id, c.path FROM checkpoints c JOIN rounds r ON r.candidate_id = c.id WHERE r.id = ?", (r["id"],))
         per_round.append({"round": r["id"], "decision": r["decision"], "incumbent": m.get("incumbent_accuracy"),
