@@ -38,7 +38,12 @@ Run (the teacher first: benchmarks/teacher.py makes it once):
 
     .venv/bin/python benchmarks/distill.py --out bench-out/distill --minutes 8
 
-It prints a JSON summary and a Markdown table (also OUT/distill.json and OUT/distill.md).
+It prints a JSON summary and a Markdown table (also OUT/distill.json and OUT/distill.md), and
+each arm's rounds (OUT/distill-rounds.md): the candidate's gate accuracy with its interval against
+the incumbent's, the gate's p-value and decision, the promoted checkpoints' audit accuracy as the
+daemon measured it, the round's samples (pass rate, distinct answers per task) and, where a
+policy-gradient stage ran, its clip fraction and KL. `--rounds-table` writes that table alone from
+an earlier run's OUT (no arm is run again).
 """
 
 from __future__ import annotations
@@ -150,14 +155,73 @@ def sample_figures(db: Path, round_ids: list[int]) -> dict[str, Any]:
     return {"distinct_answers_per_task": mean(0, 2), "sample_pass_rate": mean(1, 3)}
 
 
+def round_rows(policy) -> list[dict[str, Any]]:
+    """One arm's rounds, read from its store (see the module docstring)."""
+    from selfdistill.store import DB_NAME, Store
+
+    db = policy.state_dir / DB_NAME
+    store = Store.open(db, readonly=True)
+    try:
+        out = []
+        for r in store.rounds():
+            def acc(ckpt: str | None, suite: str) -> dict[str, Any] | None:
+                ev = store.latest_evaluation(ckpt, suite) if ckpt else None
+                return {k: ev.metrics.get(k) for k in ("accuracy", "ci_low", "ci_high", "n")} if ev else None
+
+            m = r.metrics or {}
+            div, passed = round_samples(db, r.id)
+            out.append({"round": r.id, "decision": r.decision, "candidate": acc(r.candidate_id, "heldout"),
+                        "incumbent": m.get("accuracy_incumbent"), "p_value": m.get("p_value"),
+                        "audit": acc(r.candidate_id, "audit") if r.decision == "promote" else None,
+                        "sample_pass_rate": passed, "distinct_answers_per_task": div,
+                        "clip_fraction": (m.get("rl") or {}).get("clip_fraction"), "kl": (m.get("rl") or {}).get("kl")})
+        return out
+    finally:
+        store.close()
+
+
+def rounds_table(per_arm: dict[str, list[dict[str, Any]]]) -> str:
+    """The arms' rounds as one Markdown table."""
+    def ci(a: dict[str, Any] | None) -> str:
+        if not a or a["accuracy"] is None:
+            return "-"
+        return f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+
+    lines = ["| arm | round | gate: incumbent -> candidate [95% CI] | p | decision | audit (promoted) [95% CI] "
+             "| samples' pass rate | distinct answers/task | clip fraction | KL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, rows in per_arm.items():
+        for r in rows:
+            lines.append(f"| {arm} | {r['round']} | {_f(r['incumbent'], 3)} -> {ci(r['candidate'])} | {_f(r['p_value'], 3)} "
+                         f"| {r['decision'] or '-'} | {ci(r['audit'])} | {_f(r['sample_pass_rate'], 3)} "
+                         f"| {_f(r['distinct_answers_per_task'], 2)} | {_f(r['clip_fraction'], 3)} | {_f(r['kl'], 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_rounds_table(out: Path, arms: list[str]) -> str:
+    from selfdistill.config import load_policy
+
+    missing = [a for a in arms if not (out / a / "policy.toml").is_file()]
+    if missing:
+        raise SystemExit(f"{out}: no arm {', '.join(missing)} there (no {out / missing[0] / 'policy.toml'}); "
+                         "give the --out and --arms of the run that made them")
+    table = rounds_table({arm: round_rows(load_policy(out / arm / "policy.toml")) for arm in arms})
+    (out / "distill-rounds.md").write_text(table)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-distill.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "distill")
     add_arm_options(ap, ARMS, minutes=8.0, default=tuple(a for a in ARMS if a not in RL_ARMS))
     ap.add_argument("--audit-fraction", type=float, default=0.2, help="tasks.audit_fraction of every arm (the policy's 0.1 holds ~100 items)")
+    ap.add_argument("--rounds-table", action="store_true", help="only write OUT/distill-rounds.md from an earlier run's arms")
     a = ap.parse_args()
     arms = chosen_arms(a, ARMS)
+    if a.rounds_table:
+        print(write_rounds_table(a.out.resolve(), arms), end="")
+        return
 
     from selfdistill.config import load_policy
     from selfdistill.operations import base_model_dir
@@ -251,6 +315,7 @@ def main() -> None:
     (out / "distill.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(report, indent=2))
     print("\n".join(lines))
+    print(write_rounds_table(out, arms), end="")
 
 
 def _f(v: Any, digits: int) -> str:
