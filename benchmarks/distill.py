@@ -192,7 +192,7 @@ def rounds_table(per_arm: dict[str, list[dict[str, Any]]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, rows in per_arm.items():
         for r in rows:
-            lines.append(f"| {arm} | {r['round']} | {_f(r['incumbent'], 3)} -> {ci(r['candidate'])} | {_f(r['p_value'], 3)} "
+            lines.append(f"| {arm} | {r['round']} | {_f(r['incumbent'], 3)} -> {ci(r['candidate'])} | {_p(r['p_value'])} "
                          f"| {r['decision'] or '-'} | {ci(r['audit'])} | {_f(r['sample_pass_rate'], 3)} "
                          f"| {_f(r['distinct_answers_per_task'], 2)} | {_f(r['clip_fraction'], 3)} | {_f(r['kl'], 4)} |")
     return "\n".join(lines) + "\n"
@@ -320,6 +320,10 @@ def main() -> None:
 
 def _f(v: Any, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _p(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2g}"
 
 
 if __name__ == "__main__":

@@ -234,6 +234,8 @@ def repair_pointer(state_dir: str | os.PathLike[str], store_current_id: str) -> 
             f"the store says checkpoint {store_current_id!r} is current but it cannot be served ({e}); "
             f"restore its directory or roll back with `selfdistill rollback`"
         ) from None
+    if on_disk is None and store_current_id == BASE:
+        return None  # a fresh state's first start: nothing was wrong, so nothing to warn about
     return f"current pointer {on_disk or '(none)'} -> {store_current_id} (made to agree with the store)"
 
 

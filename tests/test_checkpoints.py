@@ -184,6 +184,14 @@ def test_repair_pointer_in_both_directions(tmp_path, on_disk, store_says):
     assert ck.repair_pointer(tmp_path, store_says) is None
 
 
+def test_a_fresh_state_gets_its_pointer_without_a_repair_warning(tmp_path):
+    """The first start of a new state has no pointer and the store says base: the pointer is made,
+    and nothing is reported as repaired (every `make demo` began with a warning before)."""
+    assert ck.read_current(tmp_path) is None
+    assert ck.repair_pointer(tmp_path, ck.BASE) is None
+    assert ck.read_current(tmp_path) == ck.BASE
+
+
 def test_repair_pointer_to_a_vanished_checkpoint_is_a_clear_error(tmp_path):
     ck.switch_current(tmp_path, "base")
     with pytest.raises(CheckpointError, match="the store says checkpoint 'c9' is current but it cannot be served .*selfdistill rollback"):
