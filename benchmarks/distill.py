@@ -42,7 +42,8 @@ It prints a JSON summary and a Markdown table (also OUT/distill.json and OUT/dis
 each arm's rounds (OUT/distill-rounds.md): the candidate's gate accuracy with its interval against
 the incumbent's, the gate's p-value and decision, the promoted checkpoints' audit accuracy as the
 daemon measured it, the round's samples (pass rate, distinct answers per task) and, where a
-policy-gradient stage ran, its clip fraction and KL. `--rounds-table` writes that table alone from
+policy-gradient stage ran, its clip fraction and KLs (from the sampling policy; to the reference,
+where kl_beta penalises it). `--rounds-table` writes that table alone from
 an earlier run's OUT (no arm is run again).
 """
 
@@ -174,7 +175,7 @@ def round_rows(policy) -> list[dict[str, Any]]:
                         "incumbent": m.get("accuracy_incumbent"), "p_value": m.get("p_value"),
                         "audit": acc(r.candidate_id, "audit") if r.decision == "promote" else None,
                         "sample_pass_rate": passed, "distinct_answers_per_task": div,
-                        "clip_fraction": (m.get("rl") or {}).get("clip_fraction"), "kl": (m.get("rl") or {}).get("kl")})
+                        **{k: (m.get("rl") or {}).get(k) for k in ("clip_fraction", "policy_kl", "kl")}})
         return out
     finally:
         store.close()
@@ -188,13 +189,13 @@ def rounds_table(per_arm: dict[str, list[dict[str, Any]]]) -> str:
         return f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
 
     lines = ["| arm | round | gate: incumbent -> candidate [95% CI] | p | decision | audit (promoted) [95% CI] "
-             "| samples' pass rate | distinct answers/task | clip fraction | KL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| samples' pass rate | distinct answers/task | clip fraction | KL from the sampler | KL to the reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, rows in per_arm.items():
         for r in rows:
-            lines.append(f"| {arm} | {r['round']} | {_f(r['incumbent'], 3)} -> {ci(r['candidate'])} | {_p(r['p_value'])} "
+            lines.append(f"| {arm} | {r['round']} | {_f(r['incumbent'], 3)} -> {ci(r['candidate'])} | {_g(r['p_value'])} "
                          f"| {r['decision'] or '-'} | {ci(r['audit'])} | {_f(r['sample_pass_rate'], 3)} "
-                         f"| {_f(r['distinct_answers_per_task'], 2)} | {_f(r['clip_fraction'], 3)} | {_f(r['kl'], 4)} |")
+                         f"| {_f(r['distinct_answers_per_task'], 2)} | {_f(r['clip_fraction'], 3)} | {_g(r['policy_kl'])} | {_g(r['kl'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -322,7 +323,7 @@ def _f(v: Any, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _p(v: float | None) -> str:
+def _g(v: float | None) -> str:
     return "-" if v is None else f"{v:.2g}"
 
 

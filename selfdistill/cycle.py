@@ -1164,6 +1164,7 @@ def _rl_figures(counts: dict[str, Any], metrics: dict[str, Any]) -> dict[str, An
     if "grpo_steps" in metrics:
         out["rl"] = {"reward_mean": counts.get("reward_mean"), "pass_rate": counts.get("pass_rate"),
                      "clip_fraction": metrics.get("grpo_clip_fraction"), "kl": metrics.get("grpo_kl"),
+                     "policy_kl": metrics.get("grpo_policy_kl"),
                      "entropy": metrics.get("grpo_entropy_last")}
     if "distill_steps" in metrics:
         out["distill"] = {"samples": counts.get("distill_samples"), "teacher_tokens": counts.get("teacher_tokens"),

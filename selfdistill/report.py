@@ -187,7 +187,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}} pre{{white-spa
 Base held-out accuracy {acc(base)}; current {acc(now)}. Correct means the verifier's full score (partial credit counts as wrong).</p>
 {imgs}
 <h2>Rounds</h2><table><tr><th>round</th><th>phase</th><th>decision</th><th>incumbent</th><th>candidate</th>
-<th>inc. acc</th><th>cand. acc</th><th>p</th><th>RL: reward / pass / clip / KL; distill: reverse KL / teacher tokens;
+<th>inc. acc</th><th>cand. acc</th><th>p</th><th>RL: reward / pass / clip / KL from the sampler / KL to the reference; distill: reverse KL / teacher tokens;
 teacher tokens by use</th><th>reasons</th></tr>{rows}</table>
 {judges}
 <h2>Sample answers (same held-out items)</h2><table><tr><th>question</th><th>reference</th><th>base</th><th>current ({e(cur)})</th></tr>{sample_rows}</table>
@@ -209,13 +209,14 @@ def _judge_row(j: dict[str, Any]) -> str:
 
 
 def _rl_cell(metrics: dict[str, Any], used: dict[str, dict[str, int]] | None = None) -> str:
-    """A round's policy-gradient figures (mean reward, pass rate, clip fraction, KL), its
+    """A round's policy-gradient figures (mean reward, pass rate, clip fraction, KL from the sampling
+    policy, KL to the reference where penalised), its
     distillation's (reverse KL to the teacher on the incumbent's samples, teacher tokens scored)
     and what the teacher cost it (tokens by use, store.teacher_usage)."""
     rl, d = metrics.get("rl"), metrics.get("distill")
     parts = []
     if rl:
-        parts.append(" / ".join(_f(rl.get(k)) for k in ("reward_mean", "pass_rate", "clip_fraction", "kl")))
+        parts.append(" / ".join(_f(rl.get(k)) for k in ("reward_mean", "pass_rate", "clip_fraction", "policy_kl", "kl")))
     if d:
         parts.append(f"distill {_f(d.get('reverse_kl_before'))} / {d.get('teacher_tokens', '-')}")
     if used:

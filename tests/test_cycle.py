@@ -325,7 +325,8 @@ def test_a_policy_gradient_round_trains_on_the_rounds_own_samples_with_their_log
     assert m["grpo_steps"] > 0 and m["sft_steps"] > 0 and m["grpo_missing_logprobs"] == 0, m
     assert m["grpo_groups"] >= 1
     rl = cyc.store.get_round(rnd.id).metrics["rl"]
-    assert set(rl) == {"reward_mean", "pass_rate", "clip_fraction", "kl", "entropy"}
+    assert set(rl) == {"reward_mean", "pass_rate", "clip_fraction", "kl", "policy_kl", "entropy"}
+    assert rl["kl"] is None and rl["policy_kl"] > 0, rl  # no KL penalty, so no reference KL; SFT moved the policy from its sampler
     # the next round's pair phase prunes what no RL stage will use any more
     _policy_with(cyc, schedule={"train_min_new_pairs": 10**6})
     cyc.run_round()

@@ -28,7 +28,8 @@ def _state(tmp_path):
         store.update_round(r, decision=decision, status="done", finished_at=1.0, candidate_id=f"ckpt-00000{rid}",
                            metrics={"incumbent_accuracy": 0.35, "candidate_accuracy": 0.9, "incumbent_ci": [0.18, 0.57],
                                     "candidate_ci": [0.7, 0.97], "p_value": 0.001,
-                                    **({"rl": {"reward_mean": 0.45, "pass_rate": 0.4, "clip_fraction": 0.178, "kl": 0.0}} if rid == 2 else {}),
+                                    **({"rl": {"reward_mean": 0.45, "pass_rate": 0.4, "clip_fraction": 0.178,
+                                                                    "policy_kl": 0.012, "kl": None}} if rid == 2 else {}),
                                     **({"distill": {"reverse_kl_before": 4.261, "teacher_tokens": 7322}} if rid == 1 else {})},
                            reasons=["because"])
         if decision == "promote":
@@ -53,7 +54,7 @@ def test_report_has_plots_rounds_and_samples(tmp_path):
     assert "ckpt-000001" in html and "because" in html
     assert "What is" in html and "maybe 1" in html  # sample answers of base and current side by side
     # a policy-gradient round shows its mean reward, pass rate, clip fraction and KL
-    assert "0.450 / 0.400 / 0.178 / 0.000" in html
+    assert "0.450 / 0.400 / 0.178 / 0.012 / -" in html  # no KL penalty: the reference KL is "-", not 0
     # a distillation round, its reverse KL to the teacher and the teacher tokens it cost
     assert "distill 4.261 / 7322" in html
     assert "teacher distill 7322, label 52 tokens" in html  # what the teacher cost the round, by use (teacher_usage)

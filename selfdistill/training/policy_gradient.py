@@ -332,8 +332,8 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
                 params[0].data.fill_(math.nan)
             opt.zero_grad(set_to_none=True)
             tokens = sum(len(ex.ids) - ex.prompt_len for ex in chunk)
-            stats = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "reverse_kl": 0.0,
-                     "divergence": 0.0}
+            stats = {"loss": 0.0, "ratio": 0.0, "clipped": 0.0, "kl": 0.0, "policy_kl": 0.0, "entropy": 0.0, "tokens": 0,
+                     "reverse_kl": 0.0, "divergence": 0.0}
             for mb in _batches(chunk, micro):
                 logps, ent, tops = _answer_logps(model, mb, entropy=True, top=topk)
                 total = 0.0
@@ -357,6 +357,9 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
                         total = total + per_tok.sum() / tokens
                     r = ratio.detach()
                     stats["ratio"] += float(r.sum())
+                    # k3 estimate of KL(sampling policy || trained policy) on the sampled tokens: how far
+                    # the passes have moved the policy from the one that answered (PPO's approx-KL)
+                    stats["policy_kl"] += float((r - 1 - torch.log(r)).sum())
                     stats["clipped"] += float((((r < 1 - rl.clip_epsilon) & (a < 0)) | ((r > 1 + rl.clip_epsilon_high) & (a > 0))).sum())
                     stats["tokens"] += len(lp)
                 total.backward()
@@ -364,8 +367,10 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
                 stats["entropy"] += float(ent.detach()) * len(mb) / len(chunk)
             grad = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
             entry = {"loss": stats["loss"], "grad_norm": grad, "ratio_mean": stats["ratio"] / max(1, stats["tokens"]),
-                     "clip_fraction": stats["clipped"] / max(1, stats["tokens"]), "kl": stats["kl"] / max(1, stats["tokens"]),
-                     "entropy": stats["entropy"], "step": step + 1}
+                     "clip_fraction": stats["clipped"] / max(1, stats["tokens"]),
+                     # the KL to training.reference is computed only where it is penalised (kl_beta > 0)
+                     "kl": stats["kl"] / max(1, stats["tokens"]) if rl.kl_beta > 0 else None,
+                     "policy_kl": stats["policy_kl"] / max(1, stats["tokens"]), "entropy": stats["entropy"], "step": step + 1}
             if stage == "distill":
                 entry["reverse_kl"] = stats["reverse_kl"] / max(1, stats["tokens"])
             if topk:
@@ -380,13 +385,15 @@ def train(spec, model, examples: list[Example], log: list[dict[str, float]], inj
 
 
 def stage_metrics(log: list[dict[str, float]], stage: str = "grpo") -> dict[str, Any]:
-    """The stage's figures for the result: clip fraction and KL per step summarised, entropy (and,
+    """The stage's figures for the result: clip fraction and the two KLs per step summarised (to
+    training.reference: None unless kl_beta > 0; from the sampling policy: always), entropy (and,
     distilling, the reverse KL to the teacher) first and last."""
     if not log:
         return {}
     p = stage
     m: dict[str, Any] = {f"{p}_clip_fraction": round(sum(e["clip_fraction"] for e in log) / len(log), 4),
-                         f"{p}_kl": round(sum(e["kl"] for e in log) / len(log), 6),
+                         f"{p}_kl": None if log[0]["kl"] is None else round(sum(e["kl"] for e in log) / len(log), 6),
+                         f"{p}_policy_kl": round(sum(e["policy_kl"] for e in log) / len(log), 6),
                          f"{p}_ratio_mean": round(sum(e["ratio_mean"] for e in log) / len(log), 4),
                          f"{p}_entropy_first": round(log[0]["entropy"], 4), f"{p}_entropy_last": round(log[-1]["entropy"], 4),
                          f"{p}_loss_first": log[0]["loss"], f"{p}_loss_last": log[-1]["loss"]}

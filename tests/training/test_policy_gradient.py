@@ -76,8 +76,11 @@ def test_grpo_moves_probability_towards_rewarded_answers(make_spec, tiny_base, t
     m = res.metrics
     assert m["grpo_groups"] == 6 and m["grpo_samples"] == 24 and m["grpo_missing_logprobs"] == 24
     assert m["grpo_steps"] == 2 * math.ceil(24 / 4)
-    for key in ("grpo_clip_fraction", "grpo_kl", "grpo_entropy_first", "grpo_entropy_last", "grpo_ratio_mean"):
+    for key in ("grpo_clip_fraction", "grpo_policy_kl", "grpo_entropy_first", "grpo_entropy_last", "grpo_ratio_mean"):
         assert math.isfinite(m[key]), key
+    # kl_beta = 0: the KL to the reference is not computed, so it is not reported as 0; the KL from
+    # the sampling policy is, and two passes over the same samples moved the policy from it
+    assert m["grpo_kl"] is None and m["grpo_policy_kl"] > 0, m
     # the same answers with the rewards swapped: the margin must move the other way
     flipped = _spec(make_spec, tmp_path, _write_groups(tmp_path / "groups-f.jsonl", flip=True), "flipped")
     assert run_round(flipped).status == "succeeded"
@@ -116,7 +119,7 @@ def test_sft_then_grpo_trains_both_stages_in_one_round(make_spec, tmp_path):
     assert res.status == "succeeded", res.reason
     assert res.stages == {"sft": "trained", "grpo": "trained"}
     # the SFT stage moved the policy away from the incumbent that sampled: the KL to it is positive
-    assert res.metrics["grpo_kl"] > 0
+    assert res.metrics["grpo_kl"] > 0 and res.metrics["grpo_policy_kl"] > 0
     assert res.metrics["steps"] == res.metrics["sft_steps"] + res.metrics["grpo_steps"]
 
 
