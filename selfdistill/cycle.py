@@ -703,8 +703,9 @@ class Cycle:
                 self.store.record_phase(rid, "train", t0, {**counts, **_numeric(result.metrics)}, "evaluate")
             self.run.train_requested = False
             shutil.rmtree(work, ignore_errors=True)
-            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1), **rl.get("rl", {}),
-                     **{f"distill_{k}": v for k, v in rl.get("distill", {}).items()})
+            self.say(rid, "train", result="candidate " + ckpt_id, seconds=round(time.time() - t0, 1),  # unmeasured figures left out
+                     **{k: v for k, v in rl.get("rl", {}).items() if v is not None},
+                     **{f"distill_{k}": v for k, v in rl.get("distill", {}).items() if v is not None})
         elif result.status == "skipped":
             self.run.train_requested = False
             self.finish(rid, t0, "train", counts, decision="skip", reasons=[result.reason or "skipped"])
