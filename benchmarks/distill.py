@@ -15,7 +15,9 @@ in time):
                     policy until 2026-12-05, when this benchmark measured it against the others);
 - `grpo`            no teacher: the group-relative policy gradient on the round's own samples, rewarded
                     1/0 by the verifier (training.rl);
-- `sft_then_grpo`   no teacher: SFT on verified answers, then the policy gradient, in one round.
+- `sft_then_grpo`   no teacher: SFT on verified answers, then the policy gradient, in one round;
+- `loop_anchored`   `loop` with anchored rejection (pairs.rejected_from = "base"): each pair's rejected
+                    side is one of the base model's wrong answers to the task, not the round's own.
 
 The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
 student (`--policy policies/cpu-demo.toml --arms loop,grpo,sft_then_grpo`: the loop is then the
@@ -65,9 +67,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bootstrap import round_samples, summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
-ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo")
+ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored")
 RL_ARMS = ("grpo", "sft_then_grpo")
-TEACHER_FREE = ("loop", *RL_ARMS)
+TEACHER_FREE = ("loop", "loop_anchored", *RL_ARMS)
+OPT_IN = (*RL_ARMS, "loop_anchored")  # run only when asked for
 DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
 # the RL arms' stage where the policy has no [training.rl]: the gate counts full correctness, so the
 # reward does too; the learning rate is the stage's default (training.learning_rate / 4)
@@ -101,11 +104,12 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
         tr.pop("distill", None)
         tr["algorithm"] = arm
         tr.setdefault("rl", dict(RL))
-    elif arm in ("loop", "labels_loop"):
+    elif arm in ("loop", "labels_loop", "loop_anchored"):
         tr.pop("distill", None)
         tr["algorithm"] = "sft_then_dpo"
         sc["teacher_label"] = arm == "labels_loop"
         pairs.update(strategy="verified_chosen", max_pairs_per_task=1)  # policies/cpu-demo.toml's pairs
+        pairs["rejected_from"] = "base" if arm == "loop_anchored" else "round"
         tr.setdefault("min_pairs", 8)
     elif arm == "labels":
         tr.pop("distill", None)
@@ -215,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", type=Path, default=ROOT / "policies" / "cpu-distill.toml")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "distill")
-    add_arm_options(ap, ARMS, minutes=8.0, default=tuple(a for a in ARMS if a not in RL_ARMS))
+    add_arm_options(ap, ARMS, minutes=8.0, default=tuple(a for a in ARMS if a not in OPT_IN))
     ap.add_argument("--audit-fraction", type=float, default=0.2, help="tasks.audit_fraction of every arm (the policy's 0.1 holds ~100 items)")
     ap.add_argument("--rounds-table", action="store_true", help="only write OUT/distill-rounds.md from an earlier run's arms")
     a = ap.parse_args()

@@ -302,6 +302,13 @@ class PairsConfig(_Model):
     near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="Answers this similar count as duplicates.")
     sft_from: Literal["verified", "top", "none"] = Field("verified", description="SFT examples: verified-correct answers, the top-scored, or none.")
     max_sft_per_task: int = Field(2, ge=0, description="Cap of SFT examples taken from one task per round.")
+    rejected_from: Literal["round", "base"] = Field(
+        "round", description="The rejected side of a pair: the round's own answers, or the base model's answers to the same "
+        "task (anchored rejection: the margin does not shrink as the student improves). The base's answers are generated once "
+        "per task (anchor_samples of them, when a round first meets the task after the base stopped being the incumbent), "
+        "kept as generations of purpose 'anchor' and scored each round beside the round's own; the chosen side stays the round's."
+    )
+    anchor_samples: int = Field(2, ge=1, le=64, description="rejected_from = 'base': the base's answers kept per task.")
     weights: dict[str, float] = Field(
         default_factory=lambda: {"verifier": 1.0, "teacher": 0.7, "reward_model": 0.5, "self": 0.4},
         description="Weight of a pair by the source of its signal.",
@@ -646,6 +653,11 @@ class Policy(_Model):
         if "min_win_rate" in self.gates.model_fields_set and self.evaluation.pairwise_judge == "none":
             problems.append(f"gates.min_win_rate = {self.gates.min_win_rate:g} gates nothing while evaluation.pairwise_judge = 'none': "
                             "set evaluation.pairwise_judge = 'teacher' or 'self', or remove the key")
+        if self.pairs.rejected_from == "base" and "dpo" not in self.training.stages():
+            problems.append(f"pairs.rejected_from = 'base' shapes preference pairs, which training.algorithm = "
+                            f"{self.training.algorithm!r} never trains on: use a DPO-family algorithm (dpo, sft_then_dpo) or remove the key")
+        if "anchor_samples" in self.pairs.model_fields_set and self.pairs.rejected_from != "base":
+            problems.append("pairs.anchor_samples is used only by pairs.rejected_from = 'base': remove the key or set rejected_from = 'base'")
         dc = self.training.distill
         if "jsd_beta" in dc.model_fields_set and dc.objective != "jsd":
             problems.append(f"training.distill.jsd_beta is used only by objective = 'jsd' (the objective is {dc.objective!r}): "

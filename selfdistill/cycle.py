@@ -379,24 +379,55 @@ class Cycle:
         params = SamplingParams(n=g.samples_per_task, temperature=g.temperature, top_p=g.top_p,
                                 max_tokens=g.max_tokens, stop=tuple(g.stop), seed=round_seed(g.seed, rid),
                                 logprobs=self.policy.training.uses_rl())  # the policy gradient's importance correction
+        ckpt, _ = self.incumbent_adapter(rnd, load=False)
+        # the base's answers first: under merged serving the engine then ends the phase on the incumbent
+        anchors, anchor_counts = self.anchor_answers(rid, tasks, ckpt, params)
         ckpt, adapter = self.incumbent_adapter(rnd)
         outs = self.engine.generate([self.messages(t) for t in tasks], params, adapter=adapter)
         rows = []
         for t, comps in zip(tasks, outs):
-            for i, c in enumerate(comps):
-                rows.append({
-                    "round_id": rid, "task_id": t.id, "checkpoint_id": ckpt, "purpose": "train", "sample_index": i,
-                    "prompt": self.prompt_text(t), "text": c.text, "params": params.as_dict(),
-                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
-                    "token_ids": c.token_ids, "logprobs": c.logprobs,
-                })
+            rows += self._generation_rows(rid, t, ckpt, "train", comps, params)
         tokens = sum(r["completion_tokens"] for r in rows)
         with self.store.transaction():
             self.store.delete_generations(rid, "train")
+            self.store.delete_generations(rid, "anchor")
             self.store.add_generations(rows)
-            self.store.record_phase(rid, "generate", t0, {"generations": len(rows), "tokens": tokens}, "score")
+            self.store.add_generations(anchors)
+            self.store.record_phase(rid, "generate", t0, {"generations": len(rows), "tokens": tokens, **anchor_counts}, "score")
         dt = time.time() - t0
-        self.say(rid, "generate", generations=len(rows), tokens=tokens, tokens_per_s=round(tokens / max(dt, 1e-9), 1))
+        self.say(rid, "generate", generations=len(rows), tokens=tokens, tokens_per_s=round(tokens / max(dt, 1e-9), 1), **anchor_counts)
+
+    def _generation_rows(self, rid: int, task: Task, ckpt: str, purpose: str, comps, params) -> list[dict[str, Any]]:
+        return [{
+            "round_id": rid, "task_id": task.id, "checkpoint_id": ckpt, "purpose": purpose, "sample_index": i,
+            "prompt": self.prompt_text(task), "text": c.text, "params": params.as_dict(),
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+            "token_ids": c.token_ids, "logprobs": c.logprobs,
+        } for i, c in enumerate(comps)]
+
+    def anchor_answers(self, rid: int, tasks: list[Task], incumbent: str, params) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """pairs.rejected_from = "base": the base's answers to this round's tasks, as generations of
+        purpose 'anchor' (nothing while the base is the incumbent: the round's own answers are the
+        base's). A task the base answered before gets copies of its stored answers (`params.copied_from`
+        names the original); the others are sampled from the base now, pairs.anchor_samples each,
+        with the round's sampling settings."""
+        pc = self.policy.pairs
+        if pc.rejected_from != "base" or incumbent == "base":
+            return [], {}
+        stored = self.store.base_answers([t.id for t in tasks], pc.anchor_samples)
+        rows: list[dict[str, Any]] = []
+        for t in tasks:
+            for i, g in enumerate(stored.get(t.id, [])):
+                rows.append({**{k: g[k] for k in ("task_id", "prompt", "text", "prompt_tokens", "completion_tokens", "finish_reason")},
+                             "round_id": rid, "checkpoint_id": "base", "purpose": "anchor", "sample_index": i,
+                             "params": {**(g["params"] or {}), "copied_from": g.get("params", {}).get("copied_from", g["id"])}})
+        fresh = [t for t in tasks if t.id not in stored]
+        if fresh:
+            base_params = dataclasses.replace(params, n=pc.anchor_samples, logprobs=False)
+            outs = self.engine.generate([self.messages(t) for t in fresh], base_params, adapter=None)
+            for t, comps in zip(fresh, outs):
+                rows += [{**r, "token_ids": None, "logprobs": None} for r in self._generation_rows(rid, t, "base", "anchor", comps, base_params)]
+        return rows, {"anchors": len(rows), "anchors_sampled": sum(1 for r in rows if "copied_from" not in r["params"])}
 
     # score -----------------------------------------------------------------------------------
 
@@ -405,7 +436,12 @@ class Cycle:
 
         rid = rnd.id
         tasks = {t.id: t for t in self.store.round_tasks(rid)}
-        gens = self.store.generations(rid, "train")
+        own = self.store.generations(rid, "train")
+        # the base's answers (pairs.rejected_from = "base") are scored by the same scorers, in the same
+        # round, so that the two sides of a pair share a scale; only the round's own count in the
+        # tasks' pass rates
+        gens = own + self.store.generations(rid, "anchor")
+        own_ids = {g["id"] for g in own}
         sc = self.policy.scoring
         score_rows: list[dict[str, Any]] = []
         stats: dict[int, list[float]] = {}
@@ -420,9 +456,10 @@ class Cycle:
                 verdicts[g["id"]] = bool(res.correct)
                 score_rows.append({"generation_id": g["id"], "scorer": f"verifier:{verify.name}", "score": res.score,
                                    "correct": res.correct, "details": res.details})
-                a = stats.setdefault(t.id, [0, 0.0])
-                a[0] += 1
-                a[1] += 1.0 if res.correct else 0.0
+                if g["id"] in own_ids:
+                    a = stats.setdefault(t.id, [0, 0.0])
+                    a[0] += 1
+                    a[1] += 1.0 if res.correct else 0.0
         judged, health, events, taught = self.judge_scores(rid, tasks, gens, verdicts)
         score_rows += judged
         score_rows += self.reward_model_scores(tasks, [g for g in gens if g["id"] not in verdicts])
@@ -438,8 +475,8 @@ class Cycle:
             self.store.add_teacher_anchors(taught)
             self.store.update_task_stats({k: (int(v[0]), v[1]) for k, v in stats.items()})
             self.store.record_phase(rid, "score", t0, {"scores": len(score_rows), "unscored_tasks": unscored}, "pair")
-        n_correct = sum(1 for r in score_rows if r.get("correct"))
-        n_ver = sum(1 for r in score_rows if r["scorer"].startswith("verifier"))
+        n_correct = sum(1 for r in score_rows if r.get("correct") and r["generation_id"] in own_ids)
+        n_ver = sum(1 for r in score_rows if r["scorer"].startswith("verifier") and r["generation_id"] in own_ids)
         self.say(rid, "score", scores=len(score_rows), correct=f"{n_correct}/{n_ver}",
                  pass_rate=round(n_correct / n_ver, 3) if n_ver else None, **({"unscored_tasks": unscored} if unscored else {}))
 
@@ -588,9 +625,21 @@ class Cycle:
 
         rid = rnd.id
         tasks = {t.id: t for t in self.store.round_tasks(rid)}
-        by_task = candidates_from_scores(self.store.scores_for_round(rid, "train"), self.unhealthy_judges())
+        unhealthy = self.unhealthy_judges()
+        by_task = candidates_from_scores(self.store.scores_for_round(rid, "train"), unhealthy)
         prompts = {tid: self.prompt_text(t) for tid, t in tasks.items()}
-        pairs = build_pairs(by_task, prompts, self.policy.pairs)
+        if self.policy.pairs.rejected_from == "base":
+            # anchored rejection: chosen among the round's own answers, rejected among the base's
+            # (the round's own too while the base is the incumbent)
+            base = candidates_from_scores(self.store.scores_for_round(rid, "anchor"), unhealthy)
+            own_ids = {c.generation_id for cs in by_task.values() for c in cs}
+            base_ids = {c.generation_id for cs in base.values() for c in cs}
+            if rnd.incumbent_id == "base":
+                base_ids |= own_ids
+            both = {tid: by_task.get(tid, []) + base.get(tid, []) for tid in set(by_task) | set(base)}
+            pairs = build_pairs(both, prompts, self.policy.pairs, chosen_ids=own_ids, rejected_ids=base_ids)
+        else:
+            pairs = build_pairs(by_task, prompts, self.policy.pairs)
         sft = build_sft(by_task, prompts, self.policy.pairs)
         events = []
         sc = self.policy.scoring

@@ -131,18 +131,21 @@ def _rank(source: str) -> int:
     return SOURCE_RANK.index(source) if source in SOURCE_RANK else len(SOURCE_RANK)
 
 
-def _usable(cands: list[Candidate]) -> list[Candidate]:
-    """Scored candidates of the strongest signal source present, exact duplicates removed."""
+def _usable(cands: list[Candidate], side=None) -> list[Candidate]:
+    """Scored candidates of the strongest signal source present, exact duplicates removed (within
+    each `side(candidate)` class, where given: the base's answer and the round's, alike in text,
+    are both kept, since only one of them may be rejected)."""
     scored = [c for c in cands if c.score is not None]
     if not scored:
         return []
     ranked = sorted({c.source for c in scored}, key=_rank)
     best = [c for c in scored if c.source == ranked[0]]
-    seen: set[str] = set()
+    seen: set = set()
     out = []
     for c in best:
-        key = _norm(c.text)
-        if key and key not in seen:
+        text = _norm(c.text)
+        key = (text, side(c)) if side else text
+        if text and key not in seen:
             seen.add(key)
             out.append(c)
     return out
@@ -152,19 +155,24 @@ def _length(c: Candidate) -> int:
     return c.tokens if c.tokens > 0 else max(1, len(c.text.split()))
 
 
-def _pairs_for_task(cands: list[Candidate], cfg: PairsConfig) -> list[tuple[Candidate, Candidate]]:
+def _pairs_for_task(cands: list[Candidate], cfg: PairsConfig, chosen_ids: set[int] | None = None,
+                    rejected_ids: set[int] | None = None) -> list[tuple[Candidate, Candidate]]:
+    ups = [c for c in cands if chosen_ids is None or c.generation_id in chosen_ids]
+    downs = [c for c in cands if rejected_ids is None or c.generation_id in rejected_ids]
     options: list[tuple[Candidate, Candidate]] = []
+    if not ups or not downs:
+        return []
     if cfg.strategy == "verified_chosen":
-        good = [c for c in cands if c.correct is True]
-        bad = [c for c in cands if c.correct is False]
+        good = [c for c in ups if c.correct is True]
+        bad = [c for c in downs if c.correct is False]
         options = [(g, b) for g in good for b in bad if g.score - b.score >= cfg.min_margin]
     elif cfg.strategy == "best_vs_worst":
-        hi = max(c.score for c in cands)
-        lo = min(c.score for c in cands)
+        hi = max(c.score for c in ups)
+        lo = min(c.score for c in downs)
         if hi - lo >= cfg.min_margin:
-            options = [(g, b) for g in cands if g.score == hi for b in cands if b.score == lo and g is not b]
+            options = [(g, b) for g in ups if g.score == hi for b in downs if b.score == lo and g is not b]
     else:  # all_above_margin
-        options = [(g, b) for g in cands for b in cands if g.score - b.score >= cfg.min_margin and g is not b]
+        options = [(g, b) for g in ups for b in downs if g.score - b.score >= cfg.min_margin and g is not b]
     if any(c.beat is not None for c in cands):
         # a pairwise judge's win shares come from separate matches: a pair is only a match the
         # chosen side won, never the winner of one match against the loser of another
@@ -193,17 +201,27 @@ def _pairs_for_task(cands: list[Candidate], cfg: PairsConfig) -> list[tuple[Cand
 
 
 def build_pairs(
-    candidates_by_task: dict[int, list[Candidate]], prompts: dict[int, str], cfg: PairsConfig
+    candidates_by_task: dict[int, list[Candidate]], prompts: dict[int, str], cfg: PairsConfig,
+    chosen_ids: set[int] | None = None, rejected_ids: set[int] | None = None,
 ) -> list[PairRecord]:
-    """Preference pairs from the scored answers of each task (see the module docstring)."""
+    """Preference pairs from the scored answers of each task (see the module docstring).
+
+    `chosen_ids` / `rejected_ids` (generation ids), where given, are the only answers that may be a
+    chosen / rejected side: anchored rejection (pairs.rejected_from = "base") chooses among the
+    round's own answers and rejects among the base's. An answer in both sets may be either side
+    (the base is the incumbent), never both of one pair."""
     out: list[PairRecord] = []
     seen: set[tuple[str, str, str]] = set()
+    def side(c: Candidate) -> tuple[bool, bool]:
+        return (chosen_ids is None or c.generation_id in chosen_ids, rejected_ids is None or c.generation_id in rejected_ids)
+
+    anchored = chosen_ids is not None or rejected_ids is not None
     for task_id in sorted(candidates_by_task):
-        cands = _usable(candidates_by_task[task_id])
+        cands = _usable(candidates_by_task[task_id], side if anchored else None)
         if len(cands) < 2:
             continue
         prompt = prompts[task_id]
-        for g, b in _pairs_for_task(cands, cfg):
+        for g, b in _pairs_for_task(cands, cfg, chosen_ids, rejected_ids):
             key = (_norm(prompt), _norm(g.text), _norm(b.text))
             if key in seen:
                 continue

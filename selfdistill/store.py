@@ -152,19 +152,32 @@ class Store:
         )
         done = {r[0] for r in self.conn.execute("SELECT name FROM migrations")}
         applied = []
-        for name, sql in migrations():
-            if name in done:
-                continue
-            try:
-                # executescript commits implicitly, so the migration carries its own BEGIN/COMMIT.
-                self.conn.executescript(
-                    "BEGIN IMMEDIATE;\n" + sql + f"\nINSERT INTO migrations(name, applied_at) VALUES ({_sq(name)}, {_now()});\nCOMMIT;"
-                )
-            except sqlite3.Error as e:
-                with contextlib.suppress(sqlite3.Error):
-                    self.conn.execute("ROLLBACK")
-                raise StoreError(f"{self.path}: migration {name} failed ({e}); the database is unchanged") from None
-            applied.append(name)
+        todo = [(name, sql) for name, sql in migrations() if name not in done]
+        if not todo:
+            return applied
+        # Foreign keys off while migrations run (a table rebuild, SQLite's way to change a constraint,
+        # drops a table other tables reference), and each migration checked with foreign_key_check
+        # before its COMMIT: it commits whole and consistent, or not at all.
+        self.conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for name, sql in todo:
+                try:
+                    # executescript commits any open transaction first; this one stays open until checked.
+                    self.conn.executescript(
+                        "BEGIN IMMEDIATE;\n" + sql + f"\nINSERT INTO migrations(name, applied_at) VALUES ({_sq(name)}, {_now()});"
+                    )
+                    broken = self.conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise sqlite3.IntegrityError(f"{len(broken)} rows would break a foreign key (first: table {broken[0][0]}, "
+                                                     f"row {broken[0][1]}, referencing {broken[0][2]})")
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.conn.execute("ROLLBACK")
+                    raise StoreError(f"{self.path}: migration {name} failed ({e}); the database is unchanged") from None
+                applied.append(name)
+        finally:
+            self.conn.execute("PRAGMA foreign_keys = ON")
         return applied
 
     # -- transactions ----------------------------------------------------------------------
@@ -454,6 +467,23 @@ class Store:
     def generations(self, round_id: int, purpose: str = "train") -> list[dict[str, Any]]:
         return [_decode(r) for r in self.query(
             "SELECT * FROM generations WHERE round_id = ? AND purpose = ? ORDER BY id", (round_id, purpose))]
+
+    def base_answers(self, task_ids: list[int], per_task: int) -> dict[int, list[dict[str, Any]]]:
+        """The base model's stored sampled answers to these tasks (a round's own while the base was the
+        incumbent, or anchors), the first `per_task` distinct texts of each, oldest first."""
+        out: dict[int, list[dict[str, Any]]] = {}
+        texts: dict[int, set[str]] = {}
+        for i in range(0, len(task_ids), 500):
+            chunk = task_ids[i : i + 500]
+            for r in self.query(
+                f"SELECT * FROM generations WHERE checkpoint_id = 'base' AND purpose IN ('train', 'anchor') "
+                f"AND task_id IN ({','.join('?' * len(chunk))}) ORDER BY id", tuple(chunk)):
+                got = out.setdefault(r["task_id"], [])
+                seen = texts.setdefault(r["task_id"], set())
+                if len(got) < per_task and r["text"] not in seen:
+                    seen.add(r["text"])
+                    got.append(_decode(r))
+        return out
 
     def delete_generations(self, round_id: int, purpose: str) -> int:
         """Drop a round's generations of one purpose (and their scores): a phase restarting from scratch."""

@@ -130,3 +130,18 @@ def test_gpu_check_runs_its_steps_on_cpu(tmp_path, tiny_model_dir):
         assert res["vllm"][mode]["mode"] == "restart" and res["vllm"][mode]["resume_s"] >= 0
     assert "adapter_load_s" in res["vllm"]["sleep"]
     assert r.stdout.count("| ok |") == 5, r.stdout  # model, env, transformers, training, vllm
+
+
+def test_every_distill_benchmark_arm_is_a_valid_policy_of_the_shipped_files(tmp_path):
+    """Each arm of benchmarks/distill.py, written from each shipped policy it is run on, passes the
+    policy's own checks (a dead key or an incoherent combination would fail the arm at its start)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import distill
+
+    from selfdistill.config import load_policy
+
+    for src, arms in (("cpu-demo.toml", distill.TEACHER_FREE), ("cpu-distill.toml", distill.ARMS)):
+        for arm in arms:
+            p = load_policy(distill.arm_policy(ROOT / "policies" / src, arm, tmp_path / src, 25, 0.25))
+            assert p.pairs.rejected_from == ("base" if arm == "loop_anchored" else "round")
+            assert (p.teacher is None) == (arm in distill.TEACHER_FREE), (src, arm)

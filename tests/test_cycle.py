@@ -763,3 +763,43 @@ def test_a_judge_calibrated_on_an_anchor_file_trains_verifier_less_tasks_and_one
     train2 = [t for t in cyc.store.round_tasks(r2.id) if t.split == "train"]
     assert counts == {"scores": 0, "unscored_tasks": len(train2)} and train2, counts
     assert cyc.store.query("SELECT count(*) AS n FROM pairs WHERE round_id = ?", (r2.id,))[0]["n"] == 0
+
+
+def test_anchored_rejection_pairs_the_rounds_answers_with_the_bases_and_keeps_them_apart(make_cycle):
+    """pairs.rejected_from = "base": after the base stops being the incumbent, every pair's rejected
+    side is one of the base's answers to the task (copied where the base answered it in an earlier
+    round, sampled from the base where not), the chosen side the round's own; the base's answers
+    are scored in the round but never counted as the round's samples."""
+    cyc = make_cycle({"tasks": {"per_round": 24}, "pairs": {"rejected_from": "base", "anchor_samples": 2}})
+    r1 = cyc.run_round()
+    assert r1.decision == "promote", r1.reasons
+    assert cyc.store.generations(1, "anchor") == []  # the base was the incumbent: its answers are the round's own
+    r2 = cyc.run_round()
+    assert r2.incumbent_id == r1.candidate_id
+    first = {g["id"]: g for g in cyc.store.generations(1, "train")}
+    anchors = cyc.store.generations(2, "anchor")
+    tasks2 = {t.id for t in cyc.store.round_tasks(2)}
+    assert {a["task_id"] for a in anchors} == tasks2 and {a["checkpoint_id"] for a in anchors} == {"base"}
+    copied = [a for a in anchors if "copied_from" in a["params"]]
+    sampled = [a for a in anchors if "copied_from" not in a["params"]]
+    assert copied and sampled  # round 2 met tasks round 1 asked, and new ones
+    for a in copied:
+        orig = first[a["params"]["copied_from"]]
+        assert (orig["task_id"], orig["text"], orig["checkpoint_id"]) == (a["task_id"], a["text"], "base")
+    per_task = {t: sum(1 for a in anchors if a["task_id"] == t) for t in tasks2}
+    assert max(per_task.values()) <= 2
+    assert {a["task_id"] for a in sampled}.isdisjoint({g["task_id"] for g in first.values()})
+    assert all(len([a for a in sampled if a["task_id"] == t]) == 2 for t in {a["task_id"] for a in sampled})
+
+    sides = cyc.store.query(
+        "SELECT c.round_id AS c_round, c.purpose AS c_purpose, c.checkpoint_id AS c_ckpt, r.round_id AS r_round, "
+        "r.purpose AS r_purpose, r.checkpoint_id AS r_ckpt FROM pairs p JOIN generations c ON c.id = p.chosen_gen_id "
+        "JOIN generations r ON r.id = p.rejected_gen_id WHERE p.round_id = 2")
+    assert sides, "no pair formed in round 2"
+    for s in sides:
+        assert (s["c_round"], s["c_purpose"], s["c_ckpt"]) == (2, "train", r1.candidate_id)
+        assert (s["r_round"], s["r_purpose"], s["r_ckpt"]) == (2, "anchor", "base")
+    # the base's answers are scored in round 2, but the tasks' pass-rate counts hold only the rounds' own samples
+    assert len(cyc.store.scores_for_round(2, "anchor")) == len(anchors)
+    attempts = cyc.store.query("SELECT sum(attempts) AS n FROM tasks")[0]["n"]
+    assert attempts == len(first) + len(cyc.store.generations(2, "train"))

@@ -208,3 +208,19 @@ def test_build_groups_keeps_informative_groups_and_counts_what_it_drops():
     shaped, _ = build_groups({4: by_task[4]}, prompts, RLConfig(reward="correct", length_penalty=0.1, truncation_penalty=0.5),
                              finish_reasons={10: "length"}, max_tokens=8)
     assert [round(s.reward, 3) for s in shaped[0].samples] == [0.9, -0.6]
+
+
+@pytest.mark.parametrize("strategy", ["verified_chosen", "best_vs_worst", "all_above_margin"])
+def test_anchored_rejection_chooses_among_the_rounds_answers_and_rejects_among_the_bases(strategy):
+    own = [C("so it is 5", 1.0, True, gid=1), C("it is 7", 0.0, False, gid=2)]
+    base = [C("it is 9", 0.0, False, gid=11), C("it is 7", 0.0, False, gid=12), C("5", 1.0, True, gid=13)]
+    cfg = PairsConfig(strategy=strategy, max_pairs_per_task=8)
+    pairs = build_pairs({1: own + base}, PROMPTS, cfg, chosen_ids={1, 2}, rejected_ids={11, 12, 13})
+    assert {(p.chosen_gen_id, p.rejected_gen_id) for p in pairs} == {(1, 11), (1, 12)}
+    # the base's "it is 7" is kept beside the round's own (the same text on the other side): without
+    # the sides, exact duplicates collapse and the base's copy is lost
+    plain = build_pairs({1: own + base}, PROMPTS, cfg)
+    assert 12 not in {p.rejected_gen_id for p in plain}
+    # nothing the round answered right, or nothing the base answered wrong: no pair
+    assert build_pairs({1: own + base}, PROMPTS, cfg, chosen_ids={2}, rejected_ids={11, 12}) == []
+    assert build_pairs({1: own + base}, PROMPTS, cfg, chosen_ids={1, 2}, rejected_ids={13}) == []

@@ -222,3 +222,55 @@ def test_teacher_logprobs_keep_provenance_first_figures_and_go_with_their_answer
     assert store.teacher_logprobs(r1) == {} and store.teacher_logprobs(r2) == {ids[2]: [-3.0, -0.125]}
     assert store.prune_sample_logprobs(before_round=r2 + 1) == 2  # the sampler's and the teacher's
     assert store.teacher_logprobs(r2) == {}
+
+
+def test_the_anchor_migration_rebuilds_generations_keeping_every_row_and_reference(tmp_path, monkeypatch):
+    """0008 rebuilds the generations table to admit purpose 'anchor' (SQLite cannot alter a CHECK):
+    a store made before it keeps its ids, rows and every reference to them."""
+    import selfdistill.store as store_mod
+
+    every = migrations()
+    before = [m for m in every if m[0] < "0008"]
+    monkeypatch.setattr(store_mod, "migrations", lambda: before)
+    s = Store.create(tmp_path / "old.db")
+    s.ensure_base_checkpoint()
+    rid = s.create_round("base")
+    s.add_tasks([TaskIn("t", "q1", "1")], 0.0)
+    tid = s.tasks()[0].id
+    gen = {"round_id": rid, "task_id": tid, "checkpoint_id": "base", "purpose": "train", "prompt": "q1", "text": "1",
+           "token_ids": [1, 2], "logprobs": [-0.1, -0.2]}
+    ids = s.add_generations([gen, {**gen, "text": "2"}])
+    s.add_scores([{"generation_id": i, "scorer": "verifier:x", "score": 1.0, "correct": True} for i in ids])
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        s.add_generations([{**gen, "purpose": "anchor"}])
+    rows = s.query("SELECT * FROM generations ORDER BY id")
+    s.close()
+
+    monkeypatch.setattr(store_mod, "migrations", lambda: every)
+    s = Store.open(tmp_path / "old.db")
+    assert s.query("SELECT * FROM generations ORDER BY id") == rows
+    assert [r["generation_id"] for r in s.scores_for_round(rid)] == ids
+    assert set(s.sample_logprobs(rid)) == set(ids)
+    assert s.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert s.conn.execute("PRAGMA foreign_key_check").fetchall() == [] and s.integrity_check() == "ok"
+    s.add_generations([{**gen, "purpose": "anchor"}])
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):  # the rebuilt table's references hold
+        s.add_scores([{"generation_id": 10**6, "scorer": "verifier:x", "score": 1.0}])
+    s.close()
+
+
+def test_a_migration_that_would_break_a_reference_is_refused_whole(store, monkeypatch):
+    """Migrations run with foreign keys off (a table rebuild needs it), so each is checked before its
+    COMMIT: one that leaves a dangling reference fails and changes nothing."""
+    import selfdistill.store as store_mod
+
+    rid = store.create_round("base")
+    bad = "INSERT INTO scores(generation_id, scorer, created_at) VALUES (424242, 'x', 0);\nCREATE TABLE extra(a);"
+    monkeypatch.setattr(store_mod, "migrations", lambda: [*migrations(), ("9000_bad", bad)])
+    with pytest.raises(StoreError, match="9000_bad failed .*1 rows would break a foreign key.*the database is unchanged"):
+        store.migrate()
+    assert store.query("SELECT count(*) AS n FROM scores")[0]["n"] == 0
+    assert store.query("SELECT name FROM sqlite_master WHERE name = 'extra'") == []
+    assert "9000_bad" not in {r["name"] for r in store.query("SELECT name FROM migrations")}
+    assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert rid == 1
