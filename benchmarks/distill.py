@@ -17,7 +17,10 @@ in time):
                     1/0 by the verifier (training.rl);
 - `sft_then_grpo`   no teacher: SFT on verified answers, then the policy gradient, in one round;
 - `loop_anchored`   `loop` with anchored rejection (pairs.rejected_from = "base"): each pair's rejected
-                    side is one of the base model's wrong answers to the task, not the round's own.
+                    side is one of the base model's wrong answers to the task, not the round's own;
+- `loop_replay`     `loop` training each round on the data gathered since the last training plus a
+                    replay share of the older (training.data_scope = "since_last", replay_fraction
+                    REPLAY) instead of on everything so far.
 
 The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
 student (`--policy policies/cpu-demo.toml --arms loop,grpo,sft_then_grpo`: the loop is then the
@@ -67,10 +70,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bootstrap import round_samples, summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
-ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored")
+ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored", "loop_replay")
 RL_ARMS = ("grpo", "sft_then_grpo")
-TEACHER_FREE = ("loop", "loop_anchored", *RL_ARMS)
-OPT_IN = (*RL_ARMS, "loop_anchored")  # run only when asked for
+TEACHER_FREE = ("loop", "loop_anchored", "loop_replay", *RL_ARMS)
+OPT_IN = (*RL_ARMS, "loop_anchored", "loop_replay")  # run only when asked for
+REPLAY = 0.3  # loop_replay: the share of a round's rows drawn from older rounds' data
 DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
 # the RL arms' stage where the policy has no [training.rl]: the gate counts full correctness, so the
 # reward does too; the learning rate is the stage's default (training.learning_rate / 4)
@@ -104,12 +108,14 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
         tr.pop("distill", None)
         tr["algorithm"] = arm
         tr.setdefault("rl", dict(RL))
-    elif arm in ("loop", "labels_loop", "loop_anchored"):
+    elif arm in ("loop", "labels_loop", "loop_anchored", "loop_replay"):
         tr.pop("distill", None)
         tr["algorithm"] = "sft_then_dpo"
         sc["teacher_label"] = arm == "labels_loop"
         pairs.update(strategy="verified_chosen", max_pairs_per_task=1)  # policies/cpu-demo.toml's pairs
         pairs["rejected_from"] = "base" if arm == "loop_anchored" else "round"
+        if arm == "loop_replay":
+            tr.update(data_scope="since_last", replay_fraction=REPLAY)
         tr.setdefault("min_pairs", 8)
     elif arm == "labels":
         tr.pop("distill", None)
