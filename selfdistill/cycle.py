@@ -379,10 +379,9 @@ class Cycle:
         params = SamplingParams(n=g.samples_per_task, temperature=g.temperature, top_p=g.top_p,
                                 max_tokens=g.max_tokens, stop=tuple(g.stop), seed=round_seed(g.seed, rid),
                                 logprobs=self.policy.training.uses_rl())  # the policy gradient's importance correction
-        ckpt, _ = self.incumbent_adapter(rnd, load=False)
+        ckpt, adapter = self.incumbent_adapter(rnd)  # an incumbent that cannot be served is replaced by the base here
         # the base's answers first: under merged serving the engine then ends the phase on the incumbent
         anchors, anchor_counts = self.anchor_answers(rid, tasks, ckpt, params)
-        ckpt, adapter = self.incumbent_adapter(rnd)
         outs = self.engine.generate([self.messages(t) for t in tasks], params, adapter=adapter)
         rows = []
         for t, comps in zip(tasks, outs):
