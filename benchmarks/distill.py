@@ -20,7 +20,10 @@ in time):
                     side is one of the base model's wrong answers to the task, not the round's own;
 - `loop_replay`     `loop` training each round on the data gathered since the last training plus a
                     replay share of the older (training.data_scope = "since_last", replay_fraction
-                    REPLAY) instead of on everything so far.
+                    REPLAY) instead of on everything so far;
+- `loop_curriculum` `loop` with a difficulty curriculum (tasks.curriculum, LEVELS): training tasks drawn
+                    from the lowest number of terms not yet passed, the next opening when the
+                    student's pass rate there reaches advance_at (chain_sum: 2 terms, then 3).
 
 The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
 student (`--policy policies/cpu-demo.toml --arms loop,grpo,sft_then_grpo`: the loop is then the
@@ -70,11 +73,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bootstrap import round_samples, summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
-ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored", "loop_replay")
+ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored", "loop_replay",
+        "loop_curriculum")
 RL_ARMS = ("grpo", "sft_then_grpo")
-TEACHER_FREE = ("loop", "loop_anchored", "loop_replay", *RL_ARMS)
-OPT_IN = (*RL_ARMS, "loop_anchored", "loop_replay")  # run only when asked for
+LOOPS = ("loop", "loop_anchored", "loop_replay", "loop_curriculum")  # the teacher-free loop and its variants
+TEACHER_FREE = (*LOOPS, *RL_ARMS)
+OPT_IN = (*RL_ARMS, *LOOPS[1:])  # run only when asked for
 REPLAY = 0.3  # loop_replay: the share of a round's rows drawn from older rounds' data
+# loop_curriculum: levels by chain_sum's number of terms; a level is passed at a 0.4 pass rate over 32 attempted tasks
+LEVELS = {"level_field": "num_terms", "advance_at": 0.4, "min_attempted": 32}
 DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
 # the RL arms' stage where the policy has no [training.rl]: the gate counts full correctness, so the
 # reward does too; the learning rate is the stage's default (training.learning_rate / 4)
@@ -108,7 +115,7 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
         tr.pop("distill", None)
         tr["algorithm"] = arm
         tr.setdefault("rl", dict(RL))
-    elif arm in ("loop", "labels_loop", "loop_anchored", "loop_replay"):
+    elif arm in (*LOOPS, "labels_loop"):
         tr.pop("distill", None)
         tr["algorithm"] = "sft_then_dpo"
         sc["teacher_label"] = arm == "labels_loop"
@@ -116,6 +123,8 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
         pairs["rejected_from"] = "base" if arm == "loop_anchored" else "round"
         if arm == "loop_replay":
             tr.update(data_scope="since_last", replay_fraction=REPLAY)
+        if arm == "loop_curriculum":
+            data.setdefault("tasks", {}).setdefault("curriculum", {}).update(LEVELS)
         tr.setdefault("min_pairs", 8)
     elif arm == "labels":
         tr.pop("distill", None)

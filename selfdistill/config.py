@@ -212,6 +212,17 @@ class CurriculumConfig(_Model):
     explore_weight: float = Field(1.0, ge=0, description="Weight of a task never attempted.")
     floor_weight: float = Field(0.05, ge=0, description="Weight of a task always or never solved.")
     max_uses: int = Field(8, ge=1, description="A task is not sampled again after this many rounds.")
+    level_field: str | None = Field(
+        None, min_length=1, description="Difficulty levels: the task field holding each task's level (a number: a field of a "
+        "JSONL task's `metadata`, or of a reasoning-gym entry's metadata, e.g. chain_sum's 'num_terms'). Training tasks are "
+        "drawn from the lowest level not yet passed; a level is passed when the student's pass rate on its attempted tasks "
+        "reaches advance_at. None: no levels.",
+        json_schema_extra={"restart": "checked against the stored tasks at start: restart to change"},
+    )
+    advance_at: float = Field(0.5, gt=0, le=1, description="Pass rate on a level's attempted training tasks that opens the next level.")
+    min_attempted: int = Field(16, ge=1, description="Training tasks of a level attempted before the level can be passed.")
+    review_weight: float = Field(0.25, ge=0, description="Weight multiplier of the tasks of levels already passed (review); "
+                                 "tasks of levels not yet open weigh 0.")
 
 
 class TasksConfig(_Model):
@@ -656,6 +667,11 @@ class Policy(_Model):
         if self.pairs.rejected_from == "base" and "dpo" not in self.training.stages():
             problems.append(f"pairs.rejected_from = 'base' shapes preference pairs, which training.algorithm = "
                             f"{self.training.algorithm!r} never trains on: use a DPO-family algorithm (dpo, sft_then_dpo) or remove the key")
+        cur = self.tasks.curriculum
+        level_keys = sorted(cur.model_fields_set & {"advance_at", "min_attempted", "review_weight"})
+        if level_keys and cur.level_field is None:
+            problems.append(f"tasks.curriculum.{', '.join(level_keys)} shape difficulty levels, which are off without "
+                            "tasks.curriculum.level_field: remove the key(s) or name the level field")
         if "anchor_samples" in self.pairs.model_fields_set and self.pairs.rejected_from != "base":
             problems.append("pairs.anchor_samples is used only by pairs.rejected_from = 'base': remove the key or set rejected_from = 'base'")
         dc = self.training.distill

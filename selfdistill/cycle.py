@@ -311,7 +311,7 @@ class Cycle:
 
     def phase_sample(self, rnd: Round, t0: float) -> None:
         from selfdistill.schedule import round_seed
-        from selfdistill.tasks.curriculum import sample_tasks, sampling_weights
+        from selfdistill.tasks.curriculum import level_state, sample_tasks, sampling_weights
         from selfdistill.tasks.sources import source_name
 
         rid = rnd.id
@@ -324,13 +324,19 @@ class Cycle:
                 self.store.event(event["kind"], event["message"].format(added=added), round_id=rid,
                                  data={**event.get("data", {}), "added": added}, level=event.get("level", "info"))
             pool = self.store.tasks(split="train")
-            weights = sampling_weights(pool, tcfg.curriculum, source_weights)
+            levels = level_state(pool, tcfg.curriculum)
+            weights = sampling_weights(pool, tcfg.curriculum, source_weights, levels)
             chosen = sample_tasks(pool, weights, tcfg.per_round, random.Random(round_seed(self.policy.generation.seed, rid)))
+            at = {"curriculum_level": levels.current} if levels is not None else {}
+            if levels is not None and levels.current != self._last_level(rid):
+                self.store.event("curriculum", f"round {rid}: curriculum at {levels.describe()}",
+                                 round_id=rid, data={"field": levels.field, "level": levels.current,
+                                                     "stats": {str(k): v for k, v in levels.stats.items()}})
             if chosen:
                 self.store.set_round_tasks(rid, [t.id for t in chosen])
-                self.store.record_phase(rid, "sample", t0, {"tasks": len(chosen), "pool": len(pool)}, "generate")
+                self.store.record_phase(rid, "sample", t0, {"tasks": len(chosen), "pool": len(pool), **at}, "generate")
         if chosen:
-            self.say(rid, "sample", tasks=len(chosen), pool=len(pool))
+            self.say(rid, "sample", tasks=len(chosen), pool=len(pool), **at)
             return
         if not self.policy.stopping.stop_when_tasks_exhausted:
             self._wait("no training task can be sampled (stopping.stop_when_tasks_exhausted = false: waiting for tasks)")
@@ -339,6 +345,12 @@ class Cycle:
         self.run.stop_reason = reason or "tasks exhausted: no training task can be sampled any more"
         self.run.stop_is_policy = True
         raise StopRequested(self.run.stop_reason)
+
+    def _last_level(self, rid: int) -> float | None:
+        """The curriculum level the last sampled round before `rid` drew from (None: none yet)."""
+        row = self.store.query("SELECT json_extract(counts, '$.curriculum_level') AS level FROM phases WHERE phase = 'sample' "
+                               "AND round_id < ? ORDER BY round_id DESC LIMIT 1", (rid,))
+        return row[0]["level"] if row else None
 
     def expand(self, rid: int) -> list[tuple[list, dict]]:
         """New tasks from the expansion sources (nothing is written here): (tasks, event) each."""

@@ -80,6 +80,8 @@ def test_init_and_status(tmp_path):
     ("notsqlite", ["status"], "not an SQLite database"),
     ("missing", ["status"], "run `selfdistill init"),
     ("none", ["promote", "ckpt-9", "--reason", "x"], "no checkpoint ckpt-9"),
+    ("levels", ["init"], "tasks.curriculum.level_field = 'num_terms': no training task has a number under that name "
+                         "(numeric task fields found: none); name one of them, or remove the key"),
 ])
 def test_errors_are_one_line(tmp_path, setup, args, expected):
     p = _policy(tmp_path)
@@ -98,6 +100,8 @@ def test_errors_are_one_line(tmp_path, setup, args, expected):
         (state / "selfdistill.db").write_text("garbage" * 100)
     elif setup == "none":
         assert run_cli("init", str(p), "--no-model").returncode == 0
+    elif setup == "levels":  # the example tasks carry no level
+        p = _policy(tmp_path, '[tasks.curriculum]\nlevel_field = "num_terms"\n')
     r = run_cli(*args[:1], str(p), *args[1:])
     assert r.returncode != 0
     assert expected in r.stderr, r.stderr

@@ -85,6 +85,9 @@ BAD = [
     ({"scoring": {"self_judge": {"enabled": True, "teacher_anchors": 16}}},
      "scoring.self_judge.teacher_anchors = 16 needs a teacher to label them, but no [teacher] table is given"),
     ({"scoring": {"teacher_judge": {"teacher_anchors": 16}}}, "scoring.teacher_judge.teacher_anchors: the teacher cannot be measured on its own"),
+    ({"tasks": {"curriculum": {"advance_at": 0.3, "review_weight": 0}}},
+     "tasks.curriculum.advance_at, review_weight shape difficulty levels, which are off without tasks.curriculum.level_field"),
+    ({"tasks": {"curriculum": {"level_field": "num_terms", "advance_at": 0}}}, "tasks.curriculum.advance_at: Input should be greater than 0"),
 ]
 
 
@@ -284,6 +287,7 @@ def test_every_change_is_applied_or_refused_never_dropped(section):
 RELOAD = [
     ({"tasks": {"per_round": 7}}, "tasks.per_round", None),
     ({"tasks": {"curriculum": {"width": 0.5}}}, "tasks.curriculum.width", None),
+    ({"tasks": {"curriculum": {"level_field": "num_terms"}}}, "tasks.curriculum.level_field", "checked against the stored tasks at start"),
     ({"tasks": {"prompt_suffix": " Answer:"}}, "tasks.prompt_suffix", "stored evaluations were made under the old prompt and verifier"),
     ({"tasks": {"default_verifier": "exact"}}, "tasks.default_verifier", "gating would compare unlike figures"),
     ({"tasks": {"heldout_fraction": 0.3}}, "tasks.heldout_fraction", "would move the held-out wall"),

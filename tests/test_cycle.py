@@ -243,6 +243,26 @@ def test_source_weights_shape_what_is_sampled(make_cycle, tmp_path):
     assert len(prompts) == 6 and all(p.startswith("heavy") for p in prompts), prompts
 
 
+def test_a_difficulty_curriculum_opens_the_next_level_when_the_student_passes_the_one_it_is_on(make_cycle, tmp_path):
+    # level 1's answers always pass (their own verifier matches anything), level 2's pass on a digit
+    f = tmp_path / "levels.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"level {lv} item {i}: 1+{i}?", "answer": str(1 + i), "metadata": {"level": lv},
+                                     **({"verifier": "regex:.*"} if lv == 1 else {})}) + "\n"
+                         for lv in (1, 2) for i in range(12)))
+    cyc = make_cycle(COLLECT, {"tasks": {"sources": [{"type": "jsonl", "path": str(f)}], "per_round": 4, "curriculum": {
+        "level_field": "level", "advance_at": 0.9, "min_attempted": 4, "review_weight": 0.0}}})
+    levels_of = lambda rid: {t.metadata["level"] for t in cyc.store.round_tasks(rid)}  # noqa: E731
+    assert cyc.run_round().decision == "collect" and levels_of(1) == {1}
+    assert cyc.store.phases(1)[0]["counts"]["curriculum_level"] == 1
+    cyc.run_round()  # four level-1 tasks tried, all passed: level 2 opens, level 1 weighs 0 (review_weight)
+    assert levels_of(2) == {2} and cyc.store.phases(2)[0]["counts"]["curriculum_level"] == 2
+    opened = [e["message"] for e in cyc.store.events("curriculum")]
+    assert opened == ["round 2: curriculum at level = 2 (1: passed, 4/8 tried, pass rate 1.00; 2: open, 0/10 tried)",
+                      "round 1: curriculum at level = 1 (1: open, 0/8 tried; 2: closed, 0/10 tried)"], opened
+    cyc.run_round()  # the same level: no new event
+    assert len(cyc.store.events("curriculum")) == 2
+
+
 @pytest.mark.parametrize("stop_when_exhausted", [True, False])
 def test_running_out_of_tasks(make_cycle, stop_when_exhausted):
     cyc = make_cycle(COLLECT, {"tasks": {"per_round": 1000, "curriculum": {"max_uses": 1}},

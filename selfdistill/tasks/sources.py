@@ -7,8 +7,9 @@
   as "FILE:LINE: what is wrong" in the `problems` list and skipped; the rest is read.
 - `reasoning_gym`: `size` items of a procedural dataset. Each task keeps in
   `metadata["reasoning_gym"]` what rebuilds its entry (dataset, config, seed, size, index), so the
-  `reasoning_gym` verifier can call the dataset's own `score_answer` later. Unknown names fail
-  with the closest known ones.
+  `reasoning_gym` verifier can call the dataset's own `score_answer` later, and in
+  `metadata["fields"]` the numbers of the entry's own metadata (the levels a difficulty
+  curriculum reads). Unknown names fail with the closest known ones.
 - `dataset_dir`: every *.jsonl, *.json (a list of objects) and *.parquet file of a directory
   (sorted by name), with configurable prompt and answer columns (or a `messages` column where the
   prompt column is absent); other columns go to metadata.
@@ -109,8 +110,16 @@ def _iter_reasoning_gym(cfg: ReasoningGymSource) -> Iterator[TaskIn]:
             source=name, prompt=entry["question"], answer=str(entry["answer"]), verifier=None, category=cfg.dataset,
             group=reasoning_gym_group(cfg.dataset, entry),
             metadata={"reasoning_gym": {"dataset": cfg.dataset, "config": cfg.config, "seed": cfg.seed,
-                                        "size": cfg.size, "index": index}},
+                                        "size": cfg.size, "index": index},
+                      "fields": _numeric_fields(entry)},
         )
+
+
+def _numeric_fields(entry: dict) -> dict[str, float]:
+    """The numbers of a reasoning-gym entry's metadata (chain_sum's num_terms, num_digits, ...): what a
+    difficulty curriculum can read a task's level from (`tasks.curriculum.level_field`)."""
+    md = entry.get("metadata") or {}
+    return {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "source_index"}
 
 
 def _dir_rows(path: Path, problems: list[str]) -> Iterator[tuple[str, dict]]:

@@ -8,7 +8,7 @@ import pytest
 
 from selfdistill.config import CurriculumConfig
 from selfdistill.records import Task
-from selfdistill.tasks.curriculum import sample_tasks, sampling_weights
+from selfdistill.tasks.curriculum import level_state, sample_tasks, sampling_weights, task_level
 
 CFG = CurriculumConfig(target_pass_rate=0.5, width=0.25, explore_weight=1.0, floor_weight=0.05, max_uses=3)
 
@@ -65,3 +65,49 @@ def test_sample_more_than_available():
 def test_sample_length_mismatch():
     with pytest.raises(ValueError, match="got 1 weights for 2 tasks"):
         sample_tasks([T(), T()], [1.0], 1, random.Random(0))
+
+
+# difficulty levels ----------------------------------------------------------------------------
+
+LEVELS = CFG.model_copy(update={"level_field": "level", "advance_at": 0.5, "min_attempted": 2, "review_weight": 0.25})
+
+
+def L(level, attempts=0, successes=0.0, uses=0, i=0, split="train", where="metadata"):
+    md = {"level": level} if where == "metadata" else {"fields": {"level": level}}  # JSONL / reasoning-gym
+    return Task(source="s", prompt=f"q{i}", id=i, attempts=attempts, successes=successes, uses=uses, split=split,
+                metadata=md if level is not None else {})
+
+
+@pytest.mark.parametrize("tasks,current", [
+    ([L(1), L(2, i=1), L(3, i=2)], 1),                                   # nothing tried: the lowest level
+    ([L(1, 8, 4), L(1, 8, 4, i=1), L(2, i=2)], 2),                       # two tried at 0.5: passed
+    ([L(1, 8, 4), L(1, 8, 3.9, i=1), L(2, i=2)], 1),                     # pooled 0.49: not yet
+    ([L(1, 8, 8), L(1, i=1), L(1, i=2), L(2, i=3)], 1),                  # one of the two needed tried
+    ([L(1, 8, 8), L(2, i=1)], 2),                                        # a level with fewer tasks than min_attempted
+    ([L(1, 8, 0, uses=3), L(1, 8, 0, uses=3, i=1), L(2, i=2)], 2),       # every task used up: passed, not stuck
+    ([L(1, 8, 8), L(1, 8, 8, i=1), L(2, 8, 8, i=2)], 2),                 # every level passed: the top stays open
+    ([L(2, 8, 8, split="heldout"), L(1, i=1), L(5, i=2)], 1),            # held-out levels do not count
+    ([L(1.5, 8, 8, where="fields"), L(0.5, 8, 8, i=1, where="fields"), L(3, i=2, where="fields")], 3),
+])
+def test_the_open_level(tasks, current):
+    assert level_state(tasks, LEVELS).current == current
+
+
+def test_no_levels_without_the_field_or_on_tasks_without_one():
+    assert level_state([L(1)], CFG) is None
+    assert level_state([L(None), L("hard", i=1), L(True, i=2)], LEVELS) is None  # not numbers
+
+
+def test_level_weights_close_the_levels_above_and_review_the_ones_below():
+    tasks = [L(1, 8, 8), L(1, 8, 8, i=1), L(2, i=2), L(3, i=3), L(None, i=4)]
+    state = level_state(tasks, LEVELS)
+    assert (state.current, state.stats[1.0], state.stats[2.0]) == (2, (2, 2, 1.0), (1, 0, None))
+    assert sampling_weights(tasks, LEVELS) == [0.05 * 0.25, 0.05 * 0.25, 1.0, 0.0, 1.0]
+    assert sampling_weights(tasks, LEVELS, levels=state) == sampling_weights(tasks, LEVELS)
+    assert state.describe() == "level = 2 (1: passed, 2/2 tried, pass rate 1.00; 2: open, 0/1 tried; 3: closed, 0/1 tried)"
+    assert sampling_weights(tasks, CFG) == [0.05, 0.05, 1.0, 1.0, 1.0]  # no level_field: no levels
+
+
+def test_task_level_reads_metadata_then_the_entrys_fields():
+    assert task_level(L(2), "level") == 2.0 and task_level(L(2, where="fields"), "level") == 2.0
+    assert task_level(L(2), "other") is None

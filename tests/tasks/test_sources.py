@@ -66,6 +66,9 @@ def test_reasoning_gym_source():
 
     entry = reasoning_gym.create_dataset("chain_sum", seed=5, size=12, **cfg.config)[4]
     assert (t.prompt, t.answer) == (entry["question"], entry["answer"])
+    # the entry's numbers, what a difficulty curriculum reads a level from
+    assert t.metadata["fields"] == {"num_terms": entry["metadata"]["num_terms"], "num_digits": 1}
+    assert {u.metadata["fields"]["num_terms"] for u in tasks} == {2, 3}
     assert [t.prompt for t in iter_source(cfg)] == [t.prompt for t in tasks]  # deterministic
 
 
