@@ -261,6 +261,10 @@ def test_a_difficulty_curriculum_opens_the_next_level_when_the_student_passes_th
                       "round 1: curriculum at level = 1 (1: open, 0/8 tried; 2: closed, 0/10 tried)"], opened
     cyc.run_round()  # the same level: no new event
     assert len(cyc.store.events("curriculum")) == 2
+    from selfdistill.store import canned_queries
+
+    shown = [(r["round"], r["open_level"], r["tasks"], r["change"][:20]) for r in cyc.store.query(canned_queries()["curriculum"])]
+    assert shown == [(1, 1, 4, "round 1: curriculum "), (2, 2, 4, "round 2: curriculum "), (3, 2, 4, "")], shown
 
 
 @pytest.mark.parametrize("stop_when_exhausted", [True, False])

@@ -54,14 +54,14 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def task_level(task: Task, field: str) -> float | None:
+def task_level(task: Task, field: str) -> int | float | None:
     """A task's level: `metadata[field]`, else the reasoning-gym entry's `metadata["fields"][field]`;
     None where it has none or it is not a number."""
     md = task.metadata or {}
     v = md.get(field)
     if v is None:
         v = (md.get("fields") or {}).get(field)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def level_state(tasks: Sequence[Task], cfg: CurriculumConfig) -> Levels | None:
