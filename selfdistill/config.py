@@ -84,7 +84,8 @@ class EngineConfig(_Model):
         "vllm", description="Which engine serves the student: offline vLLM, transformers, or a server."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights dtype. On CPU, bfloat16 is about 4.5x float32 in vLLM where AVX512-BF16 exists."
+        "auto", description="Weights dtype served. auto: on a CPU, bfloat16 where it has AVX512-BF16 or AMX (4.5x float32 in "
+        "vLLM) and float32 where it has not (there bfloat16 is emulated, 5.6x slower than float32); on a GPU the model's own."
     )
     max_model_len: int = Field(2048, ge=64, description="Context length the engine reserves.")
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1.0, description="vLLM on GPU: share of GPU memory.")
@@ -121,7 +122,7 @@ class TeacherServe(_Model):
         None, gt=0, lt=1.0, description="GPU: the teacher's share of the device (the student's engine takes "
         "engine.gpu_memory_utilization; the two must add up to at most 0.95). Unset: vLLM's default.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU: the teacher server's KV cache in GiB (--kv-cache-memory-bytes).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="The teacher's weights dtype.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="The teacher's weights dtype (auto: as engine.dtype's).")
     max_model_len: int = Field(2048, ge=64, description="Context length the teacher server reserves.")
     enforce_eager: bool = Field(True, description="Skip graph capture (faster start, slower generation).")
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, passed as given.")

@@ -8,6 +8,8 @@
   chat template in about a second; both the transformers and the vLLM engines accept it
   (head_dim 32: vLLM's CPU attention refuses smaller heads).
 - `resolve_base_model(name, cache_dir)` turns a policy's `student.base_model` into a directory.
+- `serving_dtype(dtype, on_cpu, cpu_bf16)`: the dtype an engine serves in, `engine.dtype = "auto"`
+  resolved for this machine's CPU (`cpu_has_bfloat16`).
 """
 
 from __future__ import annotations
@@ -236,3 +238,21 @@ def compare_tokenizers(student_dir: Path, teacher_dir: Path) -> tuple[str | None
     if [a.bos_token_id, a.eos_token_id] != [b.bos_token_id, b.eos_token_id]:
         return f"their special tokens differ (bos/eos {a.bos_token_id}/{a.eos_token_id} and {b.bos_token_id}/{b.eos_token_id})", fingerprint
     return None, fingerprint
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def serving_dtype(dtype: str, on_cpu: bool, cpu_bf16: bool) -> str:
+    """The weights dtype an engine serves in: the policy's, except "auto" on a CPU, which is
+    bfloat16 where the CPU does it natively and float32 where it would be emulated. On the bundled
+    student vLLM's bfloat16 is 4.5x its float32 on a CPU with AVX512-BF16 and 5.6x slower than it on
+    one without (benchmarks/RESULTS.md, "Engines"). Elsewhere "auto" is left to the engine (the
+    model's own dtype)."""
+    if dtype != "auto" or not on_cpu:
+        return dtype
+    return "bfloat16" if cpu_bf16 else "float32"

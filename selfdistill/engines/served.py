@@ -145,14 +145,18 @@ class ServedTeacher:
     def command(self, port: int) -> list[str]:
         import torch
 
+        from selfdistill.models import cpu_has_bfloat16, serving_dtype
+
         s = self.serve
+        on_cpu = not torch.cuda.is_available()
+        dtype = serving_dtype(s.dtype, on_cpu, on_cpu and s.dtype == "auto" and cpu_has_bfloat16())
         if torch.cuda.is_available():
             memory = ["--gpu-memory-utilization", str(s.gpu_memory_utilization)] if s.gpu_memory_utilization is not None else []
         else:  # without it the CPU build wants most of the machine's memory
             memory = ["--kv-cache-memory-bytes", str(int(s.cpu_kv_cache_gib * 2**30))]
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
                 "--port", str(port), "--served-model-name", SERVED_NAME, "--max-model-len", str(s.max_model_len),
-                "--dtype", s.dtype, "--no-enable-prefix-caching", "--disable-uvicorn-access-log",
+                "--dtype", dtype, "--no-enable-prefix-caching", "--disable-uvicorn-access-log",
                 *(["--enforce-eager"] if s.enforce_eager else []),
                 *memory, *s.extra_args]
 

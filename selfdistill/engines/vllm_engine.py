@@ -65,6 +65,9 @@ class VLLMEngine(ScoresGivenTokens):
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
+        from selfdistill.models import cpu_has_bfloat16, serving_dtype
+
+        self.dtype = serving_dtype(cfg.dtype, self.on_cpu, self.on_cpu and cfg.dtype == "auto" and cpu_has_bfloat16())
         mode = cfg.release_for_training
         if mode == "auto":
             mode = "sleep" if current_platform.is_sleep_mode_available() else "restart"
@@ -106,7 +109,7 @@ class VLLMEngine(ScoresGivenTokens):
         self._serving = weights or self.model_dir
         kw = dict(
             model=str(self._serving),
-            dtype=self.cfg.dtype,
+            dtype=self.dtype,
             max_model_len=self.max_model_len,
             enforce_eager=self.cfg.enforce_eager,
             seed=self.seed,
@@ -228,7 +231,7 @@ class VLLMEngine(ScoresGivenTokens):
         out = self.cache_dir / "merged" / f"{os.getpid()}-{next(_lora_ids)}-{safe}"
         try:
             # saved in the dtype served: half the disk and write time of a float32 base, same weights in vLLM
-            return export_merged(self.model_dir, adapter_dir, out, {"served_as": name}, dtype=self.cfg.dtype)
+            return export_merged(self.model_dir, adapter_dir, out, {"served_as": name}, dtype=self.dtype)
         except Exception as e:  # export_merged removes its half-written copy
             raise EngineError(f"{adapter_dir}: merging the adapter into {self.model_dir} failed ({e}); "
                               "check the adapter, or set engine.adapter_serving = 'lora'") from e

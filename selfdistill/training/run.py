@@ -40,6 +40,7 @@ from typing import Any
 
 from selfdistill.config import RL_STAGES
 from selfdistill.errors import TrainingError
+from selfdistill.models import cpu_has_bfloat16
 from selfdistill.records import chat_messages
 from selfdistill.training.guards import Guard
 from selfdistill.training.spec import RoundSpec, TrainingResult, read_round_data, write_json_atomic
@@ -87,13 +88,6 @@ def choose_dtype(precision: str, stages: list[str], cuda_bf16: bool | None, cpu_
     if cuda_bf16 is not None:
         return "bfloat16" if cuda_bf16 else "float32"
     return "bfloat16" if cpu_bf16 and not any(s in RL_STAGES for s in stages) else "float32"
-
-
-def cpu_has_bfloat16() -> bool:
-    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX), as oneDNN reports it."""
-    import torch
-
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def round_dtype(spec: RoundSpec, stages: list[str]) -> str:

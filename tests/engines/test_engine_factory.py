@@ -37,7 +37,28 @@ def test_factories_pick_by_kind(tiny_dir, engine_cache):
     teacher.close()
     teacher = make_teacher_engine(TeacherConfig(kind="transformers", model=str(tiny_dir)), engine_cache)
     assert isinstance(teacher, TransformersEngine)
+    assert str(teacher.dtype) == f"torch.{_auto_dtype()}"  # the tiny model is saved in float32: "auto" decides, not the file
     teacher.close()
+
+
+def _auto_dtype() -> str:
+    """What engine.dtype = "auto" must serve in on this CPU."""
+    from selfdistill.models import cpu_has_bfloat16
+
+    return "bfloat16" if cpu_has_bfloat16() else "float32"
+
+
+@pytest.mark.parametrize("dtype,on_cpu,cpu_bf16,expected", [
+    ("auto", True, True, "bfloat16"),       # native bfloat16: 4.5x float32 in vLLM
+    ("auto", True, False, "float32"),       # emulated bfloat16: 5.6x slower than float32
+    ("auto", False, False, "auto"),         # a GPU: the engine's own choice
+    ("bfloat16", True, False, "bfloat16"),  # what the policy names is served
+    ("float32", True, True, "float32"),
+])
+def test_auto_dtype_follows_the_cpu(dtype, on_cpu, cpu_bf16, expected):
+    from selfdistill.models import serving_dtype
+
+    assert serving_dtype(dtype, on_cpu, cpu_bf16) == expected
 
 
 @pytest.mark.vllm
@@ -54,6 +75,7 @@ def test_vllm_teacher_has_no_lora(tiny_dir, engine_cache, vllm_running, vllm_poo
     teacher = make_teacher_engine(teacher_cfg, engine_cache)
     try:
         assert teacher.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=8))[0][0].completion_tokens == 8
+        assert teacher.dtype == _auto_dtype() and str(teacher.llm.llm_engine.model_config.dtype) == f"torch.{_auto_dtype()}"
         with pytest.raises(EngineError, match="started without LoRA"):
             teacher.load_adapter(AdapterRef("x", str(tiny_dir)))
     finally:
