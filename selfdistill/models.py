@@ -8,7 +8,7 @@
   chat template in about a second; both the transformers and the vLLM engines accept it
   (head_dim 32: vLLM's CPU attention refuses smaller heads).
 - `resolve_base_model(name, cache_dir)` turns a policy's `student.base_model` into a directory.
-- `serving_dtype(dtype, on_cpu, cpu_bf16)`: the dtype an engine serves in, `engine.dtype = "auto"`
+- `serving_dtype(dtype, on_cpu)`: the dtype an engine serves in, `engine.dtype = "auto"`
   resolved for this machine's CPU (`cpu_has_bfloat16`).
 """
 
@@ -247,12 +247,14 @@ def cpu_has_bfloat16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def serving_dtype(dtype: str, on_cpu: bool, cpu_bf16: bool) -> str:
+def serving_dtype(dtype: str, on_cpu: bool, cpu_bf16: bool | None = None) -> str:
     """The weights dtype an engine serves in: the policy's, except "auto" on a CPU, which is
     bfloat16 where the CPU does it natively and float32 where it would be emulated. On the bundled
     student vLLM's bfloat16 is 4.5x its float32 on a CPU with AVX512-BF16 and 5.6x slower than it on
     one without (benchmarks/RESULTS.md, "Engines"). Elsewhere "auto" is left to the engine (the
-    model's own dtype)."""
+    model's own dtype). `cpu_bf16` None: this CPU is asked (`cpu_has_bfloat16`), only when it matters."""
     if dtype != "auto" or not on_cpu:
         return dtype
+    if cpu_bf16 is None:
+        cpu_bf16 = cpu_has_bfloat16()
     return "bfloat16" if cpu_bf16 else "float32"

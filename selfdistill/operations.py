@@ -83,14 +83,15 @@ def ingest_tasks(policy: Policy, store: Store) -> dict[str, Any]:
 
 def check_levels(policy: Policy, store: Store) -> None:
     """A curriculum's `level_field` that no training task carries would gate nothing: refuse it, naming the fields there are."""
-    from selfdistill.tasks.curriculum import level_state
+    from selfdistill.tasks.curriculum import level_field_names, level_state
 
     cur = policy.tasks.curriculum
-    pool = store.tasks(split="train")
-    if cur.level_field is None or not pool or level_state(pool, cur) is not None:
+    if cur.level_field is None:
         return
-    seen = sorted({k for t in pool[:200] for k, v in {**t.metadata, **(t.metadata.get("fields") or {})}.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    pool = store.tasks(split="train")
+    if not pool or level_state(pool, cur) is not None:
+        return
+    seen = level_field_names(pool[:200])
     raise PolicyError(f"tasks.curriculum.level_field = {cur.level_field!r}: no training task has a number under that name "
                       f"(numeric task fields found: {', '.join(seen) or 'none'}); name one of them, or remove the key")
 

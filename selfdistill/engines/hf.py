@@ -21,7 +21,7 @@ from selfdistill.engines.local import (
     score_completions,
 )
 from selfdistill.errors import EngineError
-from selfdistill.models import check_model_dir, cpu_has_bfloat16, offline_env, serving_dtype
+from selfdistill.models import check_model_dir, offline_env, serving_dtype
 
 
 class TransformersEngine(ScoresGivenTokens):
@@ -53,8 +53,7 @@ class TransformersEngine(ScoresGivenTokens):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        on_cpu = self.device.type == "cpu"
-        dtype = serving_dtype(self.cfg.dtype, on_cpu, on_cpu and self.cfg.dtype == "auto" and cpu_has_bfloat16())
+        dtype = serving_dtype(self.cfg.dtype, self.device.type == "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device).eval()
         self.dtype = self.model.dtype
         for name, path in self._adapters.items():

@@ -145,11 +145,10 @@ class ServedTeacher:
     def command(self, port: int) -> list[str]:
         import torch
 
-        from selfdistill.models import cpu_has_bfloat16, serving_dtype
+        from selfdistill.models import serving_dtype
 
         s = self.serve
-        on_cpu = not torch.cuda.is_available()
-        dtype = serving_dtype(s.dtype, on_cpu, on_cpu and s.dtype == "auto" and cpu_has_bfloat16())
+        dtype = serving_dtype(s.dtype, not torch.cuda.is_available())
         if torch.cuda.is_available():
             memory = ["--gpu-memory-utilization", str(s.gpu_memory_utilization)] if s.gpu_memory_utilization is not None else []
         else:  # without it the CPU build wants most of the machine's memory

@@ -65,9 +65,9 @@ class VLLMEngine(ScoresGivenTokens):
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
-        from selfdistill.models import cpu_has_bfloat16, serving_dtype
+        from selfdistill.models import serving_dtype
 
-        self.dtype = serving_dtype(cfg.dtype, self.on_cpu, self.on_cpu and cfg.dtype == "auto" and cpu_has_bfloat16())
+        self.dtype = serving_dtype(cfg.dtype, self.on_cpu)
         mode = cfg.release_for_training
         if mode == "auto":
             mode = "sleep" if current_platform.is_sleep_mode_available() else "restart"

@@ -54,6 +54,11 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def is_number(v: object) -> bool:
+    """What a level can be: an int or a float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def task_level(task: Task, field: str) -> int | float | None:
     """A task's level: `metadata[field]`, else the reasoning-gym entry's `metadata["fields"][field]`;
     None where it has none or it is not a number."""
@@ -61,7 +66,12 @@ def task_level(task: Task, field: str) -> int | float | None:
     v = md.get(field)
     if v is None:
         v = (md.get("fields") or {}).get(field)
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return v if is_number(v) else None
+
+
+def level_field_names(tasks: Sequence[Task]) -> list[str]:
+    """The names `level_field` could take on these tasks: their numeric metadata and entry fields."""
+    return sorted({k for t in tasks for k, v in {**t.metadata, **(t.metadata.get("fields") or {})}.items() if is_number(v)})
 
 
 def level_state(tasks: Sequence[Task], cfg: CurriculumConfig) -> Levels | None:

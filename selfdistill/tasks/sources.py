@@ -118,8 +118,10 @@ def _iter_reasoning_gym(cfg: ReasoningGymSource) -> Iterator[TaskIn]:
 def _numeric_fields(entry: dict) -> dict[str, float]:
     """The numbers of a reasoning-gym entry's metadata (chain_sum's num_terms, num_digits, ...): what a
     difficulty curriculum can read a task's level from (`tasks.curriculum.level_field`)."""
+    from selfdistill.tasks.curriculum import is_number
+
     md = entry.get("metadata") or {}
-    return {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "source_index"}
+    return {k: v for k, v in md.items() if is_number(v) and k != "source_index"}
 
 
 def _dir_rows(path: Path, problems: list[str]) -> Iterator[tuple[str, dict]]:
