@@ -23,7 +23,10 @@ in time):
                     REPLAY) instead of on everything so far;
 - `loop_curriculum` `loop` with a difficulty curriculum (tasks.curriculum, LEVELS): training tasks drawn
                     from the lowest number of terms not yet passed, the next opening when the
-                    student's pass rate there reaches advance_at (chain_sum: 2 terms, then 3).
+                    student's pass rate there reaches advance_at (chain_sum: 2 terms, then 3);
+                    policies/cpu-demo.toml ships with it since 2026-12-07, so there `loop` is this;
+- `loop_flat`       `loop` without any difficulty levels (the policy's tasks.curriculum level keys
+                    dropped): every training task open from round 1, the demo before 2026-12-07.
 
 The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
 student (`--policy policies/cpu-demo.toml --arms loop,grpo,sft_then_grpo`: the loop is then the
@@ -74,14 +77,15 @@ from bootstrap import round_samples, summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
 ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored", "loop_replay",
-        "loop_curriculum")
+        "loop_curriculum", "loop_flat")
 RL_ARMS = ("grpo", "sft_then_grpo")
-LOOPS = ("loop", "loop_anchored", "loop_replay", "loop_curriculum")  # the teacher-free loop and its variants
+LOOPS = ("loop", "loop_anchored", "loop_replay", "loop_curriculum", "loop_flat")  # the teacher-free loop and its variants
 TEACHER_FREE = (*LOOPS, *RL_ARMS)
 OPT_IN = (*RL_ARMS, *LOOPS[1:])  # run only when asked for
 REPLAY = 0.3  # loop_replay: the share of a round's rows drawn from older rounds' data
 # loop_curriculum: levels by chain_sum's number of terms; a level is passed at a 0.4 pass rate over 32 attempted tasks
 LEVELS = {"level_field": "num_terms", "advance_at": 0.4, "min_attempted": 32}
+LEVEL_KEYS = ("level_field", "advance_at", "min_attempted", "review_weight")  # loop_flat drops them
 DISTILL = {"samples_per_task": 2, "min_samples": 32, "passes": 2}
 # the RL arms' stage where the policy has no [training.rl]: the gate counts full correctness, so the
 # reward does too; the learning rate is the stage's default (training.learning_rate / 4)
@@ -125,6 +129,10 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
             tr.update(data_scope="since_last", replay_fraction=REPLAY)
         if arm == "loop_curriculum":
             data.setdefault("tasks", {}).setdefault("curriculum", {}).update(LEVELS)
+        if arm == "loop_flat":
+            cur = data.get("tasks", {}).get("curriculum", {})
+            for key in LEVEL_KEYS:
+                cur.pop(key, None)
         tr.setdefault("min_pairs", 8)
     elif arm == "labels":
         tr.pop("distill", None)

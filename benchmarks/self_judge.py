@@ -60,8 +60,13 @@ def write_tasks(src: dict, out: Path, size: int | None) -> tuple[Path, Path, dic
     tasks = rg_tasks(rg["dataset"], rg.get("seed", 0), size or rg.get("size", 1000), rg.get("config"))
     answers = {t.prompt: t.answer for t in tasks}
     with_answers, without = out / "tasks-verified.jsonl", out / "tasks-open.jsonl"
-    with_answers.write_text("".join(json.dumps({"prompt": t.prompt, "answer": t.answer, "verifier": "numeric"}) + "\n" for t in tasks))
-    without.write_text("".join(json.dumps({"prompt": t.prompt}) + "\n" for t in tasks))
+    # each task keeps its group (the split stays the policy's, by group) and its entry's numbers (the
+    # curriculum's levels, e.g. chain_sum's num_terms), neither of which tells the answer
+    def line(t, **extra) -> str:
+        return json.dumps({"prompt": t.prompt, **extra, "metadata": t.metadata.get("fields", {}), "group": t.group}) + "\n"
+
+    with_answers.write_text("".join(line(t, answer=t.answer, verifier="numeric") for t in tasks))
+    without.write_text("".join(line(t) for t in tasks))
     return with_answers, without, answers
 
 

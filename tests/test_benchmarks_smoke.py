@@ -106,7 +106,8 @@ def test_self_judge_benchmark_runs(tmp_path, tiny_model_dir):
     res = json.loads((tmp_path / "out" / "self_judge.json").read_text())
     assert set(res["arms"]) == {"verifier", "self"}
     open_tasks = [json.loads(x) for x in (tmp_path / "out" / "tasks-open.jsonl").read_text().splitlines()]
-    assert len(open_tasks) == 60 and all(set(t) == {"prompt"} for t in open_tasks)  # the judge arm sees no answer
+    assert len(open_tasks) == 60 and all(set(t) == {"prompt", "metadata", "group"} for t in open_tasks)  # the judge arm sees no answer
+    assert all(t["metadata"]["num_terms"] == 2 and t["group"] for t in open_tasks)  # the curriculum's levels and the split's groups kept
     anchors = [json.loads(x) for x in (tmp_path / "out" / "anchors.jsonl").read_text().splitlines()]
     assert anchors and {a["prompt"] for a in anchors}.isdisjoint({t["prompt"] for t in open_tasks})  # in no split
     assert all(res["arms"][arm]["rounds"] == 1 for arm in res["arms"]), res["arms"]
@@ -145,3 +146,7 @@ def test_every_distill_benchmark_arm_is_a_valid_policy_of_the_shipped_files(tmp_
             p = load_policy(distill.arm_policy(ROOT / "policies" / src, arm, tmp_path / src, 25, 0.25))
             assert p.pairs.rejected_from == ("base" if arm == "loop_anchored" else "round")
             assert (p.teacher is None) == (arm in distill.TEACHER_FREE), (src, arm)
+            levels = p.tasks.curriculum.level_field
+            if arm in ("loop_flat", "loop_curriculum") or (arm in distill.TEACHER_FREE and src == "cpu-demo.toml"):
+                # the demo ships the curriculum, so its loop and every variant but loop_flat have levels
+                assert levels == (None if arm == "loop_flat" else "num_terms"), (src, arm, levels)
