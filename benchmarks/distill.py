@@ -26,7 +26,10 @@ in time):
                     student's pass rate there reaches advance_at (chain_sum: 2 terms, then 3);
                     policies/cpu-demo.toml ships with it since 2026-12-07, so there `loop` is this;
 - `loop_flat`       `loop` without any difficulty levels (the policy's tasks.curriculum level keys
-                    dropped): every training task open from round 1, the demo before 2026-12-07.
+                    dropped): every training task open from round 1, the demo before 2026-12-07;
+- `loop_rotate`     `loop` whose gate tests each round on the next evaluation.heldout_items of the
+                    held-out pool (evaluation.gate_items = "rotate") instead of the same items every
+                    round: the items that chose the incumbent are mostly not the ones it is re-tested on.
 
 The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
 student (`--policy policies/cpu-demo.toml --arms loop,grpo,sft_then_grpo`: the loop is then the
@@ -77,9 +80,9 @@ from bootstrap import round_samples, summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
 ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored", "loop_replay",
-        "loop_curriculum", "loop_flat")
+        "loop_curriculum", "loop_flat", "loop_rotate")
 RL_ARMS = ("grpo", "sft_then_grpo")
-LOOPS = ("loop", "loop_anchored", "loop_replay", "loop_curriculum", "loop_flat")  # the teacher-free loop and its variants
+LOOPS = ("loop", "loop_anchored", "loop_replay", "loop_curriculum", "loop_flat", "loop_rotate")  # the teacher-free loop and its variants
 TEACHER_FREE = (*LOOPS, *RL_ARMS)
 OPT_IN = (*RL_ARMS, *LOOPS[1:])  # run only when asked for
 REPLAY = 0.3  # loop_replay: the share of a round's rows drawn from older rounds' data
@@ -129,6 +132,8 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
             tr.update(data_scope="since_last", replay_fraction=REPLAY)
         if arm == "loop_curriculum":
             data.setdefault("tasks", {}).setdefault("curriculum", {}).update(LEVELS)
+        if arm == "loop_rotate":
+            data.setdefault("evaluation", {})["gate_items"] = "rotate"
         if arm == "loop_flat":
             cur = data.get("tasks", {}).get("curriculum", {})
             for key in LEVEL_KEYS:
@@ -198,7 +203,9 @@ def round_rows(policy) -> list[dict[str, Any]]:
 
             m = r.metrics or {}
             div, passed = round_samples(db, r.id)
-            out.append({"round": r.id, "decision": r.decision, "candidate": acc(r.candidate_id, "heldout"),
+            ci = m.get("candidate_ci") or [None, None]  # the round's own gate items (they move with evaluation.gate_items = "rotate")
+            cand = {"accuracy": m["candidate_accuracy"], "ci_low": ci[0], "ci_high": ci[1]} if m.get("candidate_accuracy") is not None else None
+            out.append({"round": r.id, "decision": r.decision, "candidate": cand,
                         "incumbent": m.get("accuracy_incumbent"), "p_value": m.get("p_value"),
                         "audit": acc(r.candidate_id, "audit") if r.decision == "promote" else None,
                         "sample_pass_rate": passed, "distinct_answers_per_task": div,

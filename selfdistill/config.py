@@ -496,7 +496,14 @@ class TrainingConfig(_Model):
 
 
 class EvaluationConfig(_Model):
-    heldout_items: int = Field(200, ge=1, description="Held-out tasks each evaluation answers (same items, same seed).")
+    heldout_items: int = Field(200, ge=1, description="Held-out tasks a round's gate tests the candidate and the incumbent on.")
+    gate_items: Literal["fixed", "rotate"] = Field(
+        "fixed", description="Which held-out items each round's gate uses. 'fixed': the same first heldout_items every round "
+        "(re-testing them is adaptive reuse: the incumbent was chosen on those very items). 'rotate': a window of heldout_items "
+        "that moves on by heldout_items each round, cyclically through the whole held-out pool, so each round tests mostly on "
+        "items the last gate did not choose on (fresh ones when the pool holds heldout_items x rounds). Either way a "
+        "checkpoint answers an item once: its stored answer is reused in every later evaluation.",
+    )
     audit_items: int = Field(300, ge=0, description="Audit tasks (tasks.audit_fraction) the base and each promoted checkpoint answer "
                              "(greedy, once each): a figure no gate or decision ever reads, so it is not chosen on. 0: off.")
     max_tokens: int = Field(128, ge=1, description="Tokens per evaluation answer (greedy).")

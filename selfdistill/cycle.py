@@ -900,32 +900,63 @@ class Cycle:
 
     # evaluate --------------------------------------------------------------------------------
 
-    def heldout_tasks(self) -> list[Task]:
-        return self.store.tasks(split="heldout", limit=self.policy.evaluation.heldout_items)
+    def gate_tasks(self, rid: int) -> list[Task]:
+        """The held-out items round `rid`'s gate tests on (evaluation.gate_items): the first
+        heldout_items, or a window of them moved on by heldout_items each round, cyclically through
+        the held-out pool. The round's item ids are kept (meta `gate_items:<round>`) the first time it
+        asks, so a resumed round, or one whose policy was reloaded, tests on the same items."""
+        key = f"gate_items:{rid}"
+        raw = self.store.get_meta(key)
+        if raw is not None:
+            return self.store.tasks(ids=json.loads(raw))
+        ev = self.policy.evaluation
+        if ev.gate_items == "fixed":
+            window = self.store.tasks(split="heldout", limit=ev.heldout_items)
+        else:
+            pool = self.store.tasks(split="heldout")
+            n = min(ev.heldout_items, len(pool))
+            start = ((rid - 1) * n) % len(pool) if pool else 0
+            window = sorted((pool[start:] + pool[:start])[:n], key=lambda t: t.id)
+        self.store.set_meta(key, json.dumps([t.id for t in window]))
+        return window
 
-    def evaluate_checkpoint(self, ckpt_id: str, round_id: int | None) -> dict[str, Any]:
-        """Held-out and anchor evaluation of a checkpoint (cached per checkpoint and item set)."""
-        from selfdistill.evaluation import anchor_nll
+    def gate_items_new(self, rid: int) -> int:
+        """How many of round `rid`'s gate items no earlier round's gate tested on."""
+        seen: set[int] = set()
+        for r in self.store.query("SELECT key, value FROM meta WHERE key LIKE 'gate_items:%'"):
+            if int(r["key"].split(":")[1]) < rid:
+                seen.update(json.loads(r["value"]))
+        return sum(t.id not in seen for t in self.gate_tasks(rid))
 
-        tasks = self.heldout_tasks()
+    def evaluate_checkpoint(self, ckpt_id: str, round_id: int) -> dict[str, Any]:
+        """Held-out (the round's gate items) and anchor evaluation of a checkpoint: cached per
+        checkpoint and item set, and each item answered once (an earlier answer is reused)."""
+        from selfdistill.evaluation import EvalItem, anchor_nll
+
+        tasks = self.gate_tasks(round_id)
         ids = [t.id for t in tasks]
         ev = self.store.latest_evaluation(ckpt_id, "heldout", ids)
         anc = self.store.latest_evaluation(ckpt_id, "anchors")
         if ev is not None and anc is not None:
             return {"heldout": ev, "anchors": anc}
-        adapter = self.serving.adapter_for(ckpt_id)
+        known = {} if ev is not None else {
+            tid: EvalItem(tid, None if r["correct"] is None else bool(r["correct"]), r["score"], r["text"] or "", r["tokens"] or 0)
+            for tid, r in self.store.answers_of(ckpt_id, "heldout", ids).items()}
+        asks = anc is None or (ev is None and len(known) < len(ids))
+        adapter = self.serving.adapter_for(ckpt_id) if asks else None
         if ev is None:
-            self._measure(ckpt_id, adapter, "heldout", tasks, round_id)
+            self._measure(ckpt_id, adapter, "heldout", tasks, round_id, known)
         if anc is None:
             refs = self.anchor_refs()
             nll = anchor_nll(self.engine, adapter, [chat_messages(p, self.policy.student.system_prompt) for p in self.policy.evaluation.anchor_prompts], refs)
             self.store.add_evaluation(ckpt_id, "anchors", {"nll": nll}, [], round_id)
         return {"heldout": self.store.latest_evaluation(ckpt_id, "heldout", ids), "anchors": self.store.latest_evaluation(ckpt_id, "anchors")}
 
-    def _measure(self, ckpt_id: str, adapter: str | None, suite: str, tasks: list[Task], round_id: int | None) -> None:
-        """Greedy answers of one checkpoint to `tasks`, verified and stored as evaluation `suite`;
-        a task no verifier can check is stored unverified (its answer is what the pairwise judge
-        compares; the gate then needs one: gates.decide)."""
+    def _measure(self, ckpt_id: str, adapter: str | None, suite: str, tasks: list[Task], round_id: int | None,
+                 known: dict | None = None) -> None:
+        """Greedy answers of one checkpoint to `tasks` (those in `known` reused, not asked again),
+        verified and stored as evaluation `suite`; a task no verifier can check is stored unverified
+        (its answer is what the pairwise judge compares; the gate then needs one: gates.decide)."""
         from selfdistill.evaluation import evaluate_heldout
         from selfdistill.scoring.verifiers import resolve_verifier
 
@@ -936,7 +967,7 @@ class Cycle:
             r = v(text, task)
             return r.score, r.correct
 
-        res = evaluate_heldout(self.engine, adapter, tasks, verify, self.messages, self.policy.evaluation.max_tokens)
+        res = evaluate_heldout(self.engine, adapter, tasks, verify, self.messages, self.policy.evaluation.max_tokens, known)
         self.store.add_evaluation(ckpt_id, suite, res.metrics, [dataclasses.asdict(i) for i in res.items], round_id)
 
     def audit(self, round_id: int | None) -> list[str]:
@@ -1015,6 +1046,7 @@ class Cycle:
                         also=lambda: self.store.set_checkpoint_status(cand, "failed", why))
             return
         i_m, c_m = inc_ev["heldout"].metrics, cand_ev["heldout"].metrics
+        rotate, new = self.policy.evaluation.gate_items == "rotate", self.gate_items_new(rid)
         pairwise = self.pairwise(rid, inc_ev["heldout"], cand_ev["heldout"]) if self.policy.evaluation.pairwise_judge != "none" else None
         with self.store.transaction():
             self.store.merge_round_metrics(rid, {
@@ -1022,8 +1054,8 @@ class Cycle:
                 "incumbent_ci": [i_m.get("ci_low"), i_m.get("ci_high")], "candidate_ci": [c_m.get("ci_low"), c_m.get("ci_high")],
                 **({"pairwise": pairwise} if pairwise else {}),
             })
-            self.store.record_phase(rid, "evaluate", t0, {"items": i_m.get("n")}, "decide")
-        self.say(rid, "evaluate", incumbent=_acc(i_m), candidate=_acc(c_m))
+            self.store.record_phase(rid, "evaluate", t0, {"items": i_m.get("n"), "new_items": new}, "decide")
+        self.say(rid, "evaluate", incumbent=_acc(i_m), candidate=_acc(c_m), **({"new_items": new} if rotate else {}))
 
     def pairwise(self, rid: int, inc_ev, cand_ev) -> dict[str, Any]:
         """The candidate's win rate against the incumbent by the pairwise judge
@@ -1038,7 +1070,7 @@ class Cycle:
         ev_cfg, sc = self.policy.evaluation, self.policy.scoring
         who = ev_cfg.pairwise_judge
         cfg = sc.teacher_judge if who == "teacher" else sc.self_judge
-        tasks = {t.id: t for t in self.heldout_tasks()}
+        tasks = {t.id: t for t in self.gate_tasks(rid)}
         inc_text = {i["task_id"]: i["text"] or "" for i in inc_ev.items}
         ids = [i["task_id"] for i in cand_ev.items if i["task_id"] in inc_text and i["task_id"] in tasks][: ev_cfg.pairwise_items]
         cand_text = {i["task_id"]: i["text"] or "" for i in cand_ev.items}
@@ -1076,7 +1108,7 @@ class Cycle:
 
         rid = rnd.id
         inc, cand = rnd.incumbent_id, rnd.candidate_id
-        tasks = self.heldout_tasks()
+        tasks = self.gate_tasks(rid)
         cats = {t.id: (t.category or "") for t in tasks}
         ids = [t.id for t in tasks]
         base_anchor = self.store.latest_evaluation("base", "anchors")

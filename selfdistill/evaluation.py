@@ -73,16 +73,22 @@ def evaluate_heldout(
     verify: Verify,
     prompt_builder: PromptBuilder,
     max_tokens: int,
+    known: dict[int, EvalItem] | None = None,
 ) -> EvalResult:
-    """Answer every task greedily with `adapter` (None: the base) and verify each answer."""
+    """Answer every task greedily with `adapter` (None: the base) and verify each answer; a task in
+    `known` (this checkpoint's stored answer to it) is not asked again: greedy decoding in a batch of
+    other prompts need not give the same text twice, and a paired test needs one answer per item."""
     if not tasks:
         raise ValueError("no held-out tasks to evaluate: the store holds none (raise tasks.heldout_fraction)")
-    outs = engine.generate([prompt_builder(t) for t in tasks], greedy(max_tokens), adapter=adapter)
-    items = []
-    for task, (comp,) in zip(tasks, outs):
+    known = known or {}
+    ask = [t for t in tasks if t.id not in known]
+    outs = engine.generate([prompt_builder(t) for t in ask], greedy(max_tokens), adapter=adapter) if ask else []
+    fresh = {}
+    for task, (comp,) in zip(ask, outs):
         score, correct = verify(comp.text, task)
-        items.append(EvalItem(task.id, None if correct is None else bool(correct), None if score is None else float(score),
-                              comp.text, comp.completion_tokens))
+        fresh[task.id] = EvalItem(task.id, None if correct is None else bool(correct), None if score is None else float(score),
+                                  comp.text, comp.completion_tokens)
+    items = [known.get(t.id) or fresh[t.id] for t in tasks]
     categories = {t.id: t.category for t in tasks}
     return EvalResult(items=items, categories=categories, metrics=_metrics(items, categories))
 

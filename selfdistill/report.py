@@ -236,7 +236,7 @@ def _f(v: Any) -> str:
 
 def summary_rows(store: Store) -> list[dict[str, Any]]:
     """Base accuracy and accuracy after each promotion, with CIs; each promotion's p-value against
-    its incumbent (the gate's) and against the base (exact one-sided McNemar on the same items);
+    its incumbent (the gate's) and against the base (exact one-sided McNemar on the items both answered);
     and, where measured, each one's audit accuracy (`audit`: items no gate or decision read)."""
     from selfdistill import stats
 
@@ -250,7 +250,6 @@ def summary_rows(store: Store) -> list[dict[str, Any]]:
     base = store.latest_evaluation("base", "heldout")
     if base:
         rows.append(with_audit({"checkpoint": "base", "round": "-", **{k: base["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")}}))
-    base_items = {i["task_id"]: bool(i["correct"]) for i in base["items"] if i["correct"] is not None} if base else {}
     for r in store.rounds():
         if r["decision"] == "promote":
             ev = store.latest_evaluation(r["candidate_id"], "heldout")
@@ -258,8 +257,10 @@ def summary_rows(store: Store) -> list[dict[str, Any]]:
                 row = {"checkpoint": r["candidate_id"], "round": r["id"], **{k: ev["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")},
                        "p_value": r["metrics"].get("p_value")}
                 mine = {i["task_id"]: bool(i["correct"]) for i in ev["items"] if i["correct"] is not None}
-                if base_items and set(mine) == set(base_items):
-                    ids = sorted(mine)
+                # the items the base answered too: all of them, unless the gate's items rotate (evaluation.gate_items)
+                base_items = {t: bool(i["correct"]) for t, i in store.answers_of("base", "heldout", mine).items() if i["correct"] is not None}
+                ids = sorted(set(mine) & set(base_items))
+                if ids:
                     wins, losses = stats.discordant([mine[i] for i in ids], [base_items[i] for i in ids])
                     row["gain_vs_base"] = (wins - losses) / len(ids)
                     row["p_vs_base"] = stats.mcnemar_one_sided(wins, losses)

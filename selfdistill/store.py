@@ -707,6 +707,20 @@ class Store:
             return None
         return ev
 
+    def answers_of(self, checkpoint_id: str, suite: str, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """A checkpoint's stored answers to these items of a suite, from any of its evaluations: the
+        first measured of each (a checkpoint answers an item once; later evaluations reuse it)."""
+        ids = list(task_ids)
+        out: dict[int, dict[str, Any]] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            rows = self.query(
+                "SELECT i.task_id, i.correct, i.score, i.text, i.tokens FROM eval_items i JOIN evaluations e ON e.id = i.evaluation_id "
+                f"WHERE e.checkpoint_id = ? AND e.suite = ? AND i.task_id IN ({','.join('?' * len(chunk))}) ORDER BY e.id DESC",
+                (checkpoint_id, suite, *chunk))
+            out.update({r["task_id"]: r for r in rows})  # the oldest last: it wins
+        return out
+
     def evaluations(self, suite: str | None = None) -> list[Evaluation]:
         """Evaluations (without their items), oldest first."""
         if suite:

@@ -150,3 +150,4 @@ def test_every_distill_benchmark_arm_is_a_valid_policy_of_the_shipped_files(tmp_
             if arm in ("loop_flat", "loop_curriculum") or (arm in distill.TEACHER_FREE and src == "cpu-demo.toml"):
                 # the demo ships the curriculum, so its loop and every variant but loop_flat have levels
                 assert levels == (None if arm == "loop_flat" else "num_terms"), (src, arm, levels)
+            assert p.evaluation.gate_items == ("rotate" if arm == "loop_rotate" else "fixed"), (src, arm)

@@ -390,6 +390,41 @@ def test_a_checkpoint_is_measured_once_so_its_figure_as_incumbent_is_its_figure_
     assert runs[0]["n"] == 1
 
 
+def test_rotating_gate_items_move_through_the_pool_and_a_checkpoint_answers_each_item_once(make_cycle, monkeypatch):
+    """evaluation.gate_items = "rotate": each round's gate tests on the next heldout_items of the
+    held-out pool (cyclically), so round 2 tests mostly on items round 1's promotion was not chosen
+    on; the incumbent answers only the items it never answered (its earlier answers are reused, the
+    same text), and each round's items are kept for its later phases."""
+    import selfdistill.evaluation as evaluation
+
+    real, asked = evaluation.evaluate_heldout, []
+
+    def counting(engine, adapter, tasks, verify, builder, max_tokens, known=None):
+        asked.append(sum(t.id not in (known or {}) for t in tasks))
+        return real(engine, adapter, tasks, verify, builder, max_tokens, known)
+
+    monkeypatch.setattr(evaluation, "evaluate_heldout", counting)
+    cyc = make_cycle({"evaluation": {"gate_items": "rotate", "heldout_items": 12}})
+    pool = [t.id for t in cyc.store.tasks(split="heldout")]
+    assert 12 < len(pool) < 24, len(pool)  # windows of 12 that overlap round to round
+    r1, r2 = cyc.run_round(), cyc.run_round()
+    assert r1.decision == r2.decision == "promote", (r1.reasons, r2.reasons)
+    w1, w2 = ([t.id for t in cyc.gate_tasks(r.id)] for r in (r1, r2))
+    assert w1 == pool[:12] and w2 == sorted(pool[12:] + pool[: 24 - len(pool)])
+    overlap = set(w1) & set(w2)
+    assert cyc.gate_items_new(r2.id) == 12 - len(overlap) and cyc.gate_items_new(r1.id) == 12
+    # base and ckpt 1 answer round 1's 12; ckpt 1, round 2's incumbent, only the items new to it; ckpt 2 all 12
+    assert asked == [12, 12, 12 - len(overlap), 12], asked
+    evs = cyc.store.query("SELECT id FROM evaluations WHERE checkpoint_id = ? AND suite = 'heldout' ORDER BY id", (r1.candidate_id,))
+    texts = [{r["task_id"]: r["text"] for r in cyc.store.query("SELECT task_id, text FROM eval_items WHERE evaluation_id = ?", (e["id"],))}
+             for e in evs]
+    assert [sorted(t) for t in texts] == [w1, w2]  # as round 1's candidate, then round 2's incumbent
+    assert all(texts[0][t] == texts[1][t] for t in overlap)  # one answer per checkpoint and item
+    second = cyc.store.latest_evaluation(r1.candidate_id, "heldout", w2)
+    assert r2.metrics["incumbent_accuracy"] == second.metrics["accuracy"]
+    assert json.loads(cyc.store.get_meta(f"gate_items:{r2.id}")) == w2
+
+
 @pytest.mark.parametrize("kind", ["transformers", pytest.param("served", marks=[pytest.mark.slow, pytest.mark.vllm])])
 def test_a_distillation_round_scores_the_rounds_answers_with_the_teacher_once_and_stores_them(make_cycle, tiny_model_dir, kind):
     """distill through the cycle with a real teacher (here the student's own base, so the
@@ -569,11 +604,11 @@ def test_a_real_local_teacher_judges_the_pairwise_gate_in_both_orders(make_cycle
 
     cyc = make_cycle({"teacher": {"kind": "transformers", "model": str(bundled_model_dir), "max_tokens": 8, "temperature": 0.0},
                       "evaluation": {"pairwise_judge": "teacher", "pairwise_items": 6}, "gates": {"min_win_rate": 0.5}})
-    tasks = cyc.heldout_tasks()[:6]
+    rnd = cyc.store.create_round("base")
+    tasks = cyc.gate_tasks(rnd)[:6]
     inc = SimpleNamespace(items=[{"task_id": t.id, "text": "I do not know."} for t in tasks])
     cand_texts = [t.answer for t in tasks[:4]] + ["I do not know."] * 2  # 4 right answers against a refusal, 2 the same
     cand = SimpleNamespace(items=[{"task_id": t.id, "text": x} for t, x in zip(tasks, cand_texts)])
-    rnd = cyc.store.create_round("base")
     pw = cyc.pairwise(rnd, inc, cand)
     assert (pw["items"], pw["judged"], pw["same_answer"]) == (6, 4, 2), pw
     assert cyc.store.teacher_usage(rnd)["pairwise"]["requests"] == 2 * 4  # both orders, only where the answers differ
@@ -594,11 +629,12 @@ def test_the_pairwise_judge_asks_both_orders_and_a_position_following_judge_is_n
 
     with _fake_teacher(monkeypatch, mode) as teacher:
         cyc = make_cycle(_pairwise_policy(teacher.base_url, 0.5))
-        ids = [t.id for t in cyc.heldout_tasks()][:6]
+        rnd = cyc.store.create_round("base")
+        ids = [t.id for t in cyc.gate_tasks(rnd)][:6]
         inc = SimpleNamespace(items=[{"task_id": t, "text": "no idea"} for t in ids])
         cand_texts = ["it is 4", "it is 12", "7", "no idea", "hmm", "no idea"]  # 3 better, 1 worse ("hmm" is shorter), 2 the same
         cand = SimpleNamespace(items=[{"task_id": t, "text": x} for t, x in zip(ids, cand_texts)])
-        pw = cyc.pairwise(cyc.store.create_round("base"), inc, cand)
+        pw = cyc.pairwise(rnd, inc, cand)
         asked = sum(teacher.served.values())
     assert asked == 2 * 4  # both orders, only where the answers differ
     assert (pw["items"], pw["judged"], pw["same_answer"]) == (6, 4, 2), pw
