@@ -84,3 +84,17 @@ def test_summary_table(tmp_path, capsys):
     print_summary(policy, store)
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[:3] == ["checkpoint", "round", "audit"] and lines[4].split()[:3] == ["ckpt-000001", "1", "0.700"], lines
+
+
+def test_summary_pairs_every_item_the_base_answered_when_the_gate_items_rotate(tmp_path):
+    """With evaluation.gate_items = "rotate" the base's latest held-out evaluation is on another
+    window than a promotion's: the gain and p against the base pair every item the base ever
+    answered with the promotion's (here its latest window covers 5 of the 20)."""
+    policy, store = _state(tmp_path)
+    held = store.tasks(split="heldout")
+    store.add_evaluation("base", "heldout", {"accuracy": 0.4, "ci_low": 0.1, "ci_high": 0.8, "n": 5, "empty_fraction": 0,
+                                             "repetition": 0, "mean_length": 2},
+                         [{"task_id": t.id, "correct": i % 3 == 0, "score": 0.0, "text": "x", "tokens": 1} for i, t in enumerate(held[:5])])
+    rows = summary_rows(store)
+    assert rows[0]["n"] == 5  # the base's row is its latest window
+    assert rows[1]["gain_vs_base"] == 13 / 20 and abs(rows[1]["p_vs_base"] - 0.5 ** 13) < 1e-12
