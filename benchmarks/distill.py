@@ -29,7 +29,9 @@ in time):
                     dropped): every training task open from round 1, the demo before 2026-12-07;
 - `loop_rotate`     `loop` whose gate tests each round on the next evaluation.heldout_items of the
                     held-out pool (evaluation.gate_items = "rotate") instead of the same items every
-                    round: the items that chose the incumbent are mostly not the ones it is re-tested on.
+                    round: the items that chose the incumbent are mostly not the ones it is re-tested on;
+                    policies/cpu-demo.toml ships it since 2026-12-07, so there `loop` is this;
+- `loop_fixed`      `loop` whose gate tests on the same first heldout_items every round (gate_items = "fixed").
 
 The two RL arms are the reinforcement-learning issue's comparison on the demo's own task and
 student (`--policy policies/cpu-demo.toml --arms loop,grpo,sft_then_grpo`: the loop is then the
@@ -80,9 +82,9 @@ from bootstrap import round_samples, summary  # noqa: E402
 from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
 
 ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored", "loop_replay",
-        "loop_curriculum", "loop_flat", "loop_rotate")
+        "loop_curriculum", "loop_flat", "loop_rotate", "loop_fixed")
 RL_ARMS = ("grpo", "sft_then_grpo")
-LOOPS = ("loop", "loop_anchored", "loop_replay", "loop_curriculum", "loop_flat", "loop_rotate")  # the teacher-free loop and its variants
+LOOPS = ("loop", "loop_anchored", "loop_replay", "loop_curriculum", "loop_flat", "loop_rotate", "loop_fixed")  # the teacher-free loop and its variants
 TEACHER_FREE = (*LOOPS, *RL_ARMS)
 OPT_IN = (*RL_ARMS, *LOOPS[1:])  # run only when asked for
 REPLAY = 0.3  # loop_replay: the share of a round's rows drawn from older rounds' data
@@ -132,8 +134,8 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
             tr.update(data_scope="since_last", replay_fraction=REPLAY)
         if arm == "loop_curriculum":
             data.setdefault("tasks", {}).setdefault("curriculum", {}).update(LEVELS)
-        if arm == "loop_rotate":
-            data.setdefault("evaluation", {})["gate_items"] = "rotate"
+        if arm in ("loop_rotate", "loop_fixed"):
+            data.setdefault("evaluation", {})["gate_items"] = arm.removeprefix("loop_")
         if arm == "loop_flat":
             cur = data.get("tasks", {}).get("curriculum", {})
             for key in LEVEL_KEYS:

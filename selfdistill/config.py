@@ -500,7 +500,8 @@ class EvaluationConfig(_Model):
     gate_items: Literal["fixed", "rotate"] = Field(
         "fixed", description="Which held-out items each round's gate uses. 'fixed': the same first heldout_items every round "
         "(re-testing them is adaptive reuse: the incumbent was chosen on those very items). 'rotate': a window of heldout_items "
-        "that moves on by heldout_items each round, cyclically through the whole held-out pool, so each round tests mostly on "
+        "that moves on by heldout_items each round, cyclically through the whole held-out pool (in the order of the task keys, "
+        "so each window is a fair draw of it), so each round tests mostly on "
         "items the last gate did not choose on (fresh ones when the pool holds heldout_items x rounds). Either way a "
         "checkpoint answers an item once: its stored answer is reused in every later evaluation.",
     )

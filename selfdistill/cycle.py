@@ -903,7 +903,7 @@ class Cycle:
     def gate_tasks(self, rid: int) -> list[Task]:
         """The held-out items round `rid`'s gate tests on (evaluation.gate_items): the first
         heldout_items, or a window of them moved on by heldout_items each round, cyclically through
-        the held-out pool. The round's item ids are kept (meta `gate_items:<round>`) the first time it
+        the held-out pool in the order of the task keys. The round's item ids are kept (meta `gate_items:<round>`) the first time it
         asks, so a resumed round, or one whose policy was reloaded, tests on the same items."""
         key = f"gate_items:{rid}"
         raw = self.store.get_meta(key)
@@ -913,7 +913,10 @@ class Cycle:
         if ev.gate_items == "fixed":
             window = self.store.tasks(split="heldout", limit=ev.heldout_items)
         else:
-            pool = self.store.tasks(split="heldout")
+            # in the order of the task keys (hashes): each window a fair draw of the pool, whatever order
+            # the tasks were ingested in (on chain_sum the first distinct questions are mostly the few
+            # 2-term ones, so windows by id differed threefold in difficulty)
+            pool = sorted(self.store.tasks(split="heldout"), key=lambda t: t.key)
             n = min(ev.heldout_items, len(pool))
             start = ((rid - 1) * n) % len(pool) if pool else 0
             window = sorted((pool[start:] + pool[:start])[:n], key=lambda t: t.id)

@@ -56,6 +56,15 @@ def test_distill_benchmark_runs(tmp_path, tiny_model_dir):
         assert set(res["results"][split]) == {"base", "loop", "distill", "teacher"} and res["results"][split]["base"]["n"] > 0
     table = (tmp_path / "out" / "distill.md").read_text()
     assert "| teacher |" in table and "| distill |" in table
+    # benchmarks/gate_reuse.py on the loop arm's finished store: base and every promotion answer the whole held-out pool
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gate_reuse.py"), str(tmp_path / "out" / "loop" / "policy.toml"),
+                        "--out", str(tmp_path / "reuse.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reuse = json.loads((tmp_path / "reuse.json").read_text())
+    promoted = [d for d in res["arms"]["loop"]["decisions"] if d == "promote"]
+    assert len(reuse["promotions"]) == len(promoted) and set(reuse["all_items"]) >= {"base"}
+    for p in reuse["promotions"]:
+        assert p["window"] + p["rest"] == reuse["heldout_pool"] and -1 <= p["selection_effect"] <= 1, p
 
 
 def test_distill_benchmark_rl_arm_without_a_teacher(tmp_path, tiny_model_dir):
@@ -150,4 +159,5 @@ def test_every_distill_benchmark_arm_is_a_valid_policy_of_the_shipped_files(tmp_
             if arm in ("loop_flat", "loop_curriculum") or (arm in distill.TEACHER_FREE and src == "cpu-demo.toml"):
                 # the demo ships the curriculum, so its loop and every variant but loop_flat have levels
                 assert levels == (None if arm == "loop_flat" else "num_terms"), (src, arm, levels)
-            assert p.evaluation.gate_items == ("rotate" if arm == "loop_rotate" else "fixed"), (src, arm)
+            rotate = arm == "loop_rotate" or (src == "cpu-demo.toml" and arm != "loop_fixed")  # the demo ships "rotate"
+            assert p.evaluation.gate_items == ("rotate" if rotate else "fixed"), (src, arm)

@@ -405,12 +405,12 @@ def test_rotating_gate_items_move_through_the_pool_and_a_checkpoint_answers_each
 
     monkeypatch.setattr(evaluation, "evaluate_heldout", counting)
     cyc = make_cycle({"evaluation": {"gate_items": "rotate", "heldout_items": 12}})
-    pool = [t.id for t in cyc.store.tasks(split="heldout")]
-    assert 12 < len(pool) < 24, len(pool)  # windows of 12 that overlap round to round
+    pool = [t.id for t in sorted(cyc.store.tasks(split="heldout"), key=lambda t: t.key)]  # windows go by key, not by id
+    assert 12 < len(pool) < 24 and pool != sorted(pool), pool  # windows of 12 that overlap round to round
     r1, r2 = cyc.run_round(), cyc.run_round()
     assert r1.decision == r2.decision == "promote", (r1.reasons, r2.reasons)
     w1, w2 = ([t.id for t in cyc.gate_tasks(r.id)] for r in (r1, r2))
-    assert w1 == pool[:12] and w2 == sorted(pool[12:] + pool[: 24 - len(pool)])
+    assert w1 == sorted(pool[:12]) and w2 == sorted(pool[12:] + pool[: 24 - len(pool)])
     overlap = set(w1) & set(w2)
     assert cyc.gate_items_new(r2.id) == 12 - len(overlap) and cyc.gate_items_new(r1.id) == 12
     # base and ckpt 1 answer round 1's 12; ckpt 1, round 2's incumbent, only the items new to it; ckpt 2 all 12
