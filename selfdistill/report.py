@@ -252,7 +252,9 @@ def summary_rows(store: Store) -> list[dict[str, Any]]:
         rows.append(with_audit({"checkpoint": "base", "round": "-", **{k: base["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")}}))
     for r in store.rounds():
         if r["decision"] == "promote":
-            ev = store.latest_evaluation(r["candidate_id"], "heldout")
+            # the figure that promoted it: its evaluation in its own round (under rotating gate items its
+            # later ones, as an incumbent, are on other windows)
+            ev = store.latest_evaluation(r["candidate_id"], "heldout", round_id=r["id"]) or store.latest_evaluation(r["candidate_id"], "heldout")
             if ev:
                 row = {"checkpoint": r["candidate_id"], "round": r["id"], **{k: ev["metrics"][k] for k in ("accuracy", "ci_low", "ci_high", "n")},
                        "p_value": r["metrics"].get("p_value")}

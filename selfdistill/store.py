@@ -694,11 +694,14 @@ class Store:
                  "score": it.get("score"), "text": it.get("text", ""), "tokens": it.get("tokens", 0)} for it in items))
             return eid
 
-    def latest_evaluation(self, checkpoint_id: str, suite: str, task_ids: list[int] | None = None) -> Evaluation | None:
+    def latest_evaluation(self, checkpoint_id: str, suite: str, task_ids: list[int] | None = None,
+                          round_id: int | None = None) -> Evaluation | None:
         """The newest evaluation of a checkpoint on a suite (with its items), or None; with
-        `task_ids`, only one made on exactly those items."""
+        `task_ids`, only one made on exactly those items; with `round_id`, the newest made in that round."""
+        by_round = " AND round_id = ?" if round_id is not None else ""
         rows = self.query(
-            "SELECT * FROM evaluations WHERE checkpoint_id = ? AND suite = ? ORDER BY id DESC LIMIT 1", (checkpoint_id, suite))
+            f"SELECT * FROM evaluations WHERE checkpoint_id = ? AND suite = ?{by_round} ORDER BY id DESC LIMIT 1",
+            (checkpoint_id, suite, *(() if round_id is None else (round_id,))))
         if not rows:
             return None
         ev = Evaluation(**_decode(rows[0]))

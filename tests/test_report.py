@@ -95,6 +95,11 @@ def test_summary_pairs_every_item_the_base_answered_when_the_gate_items_rotate(t
     store.add_evaluation("base", "heldout", {"accuracy": 0.4, "ci_low": 0.1, "ci_high": 0.8, "n": 5, "empty_fraction": 0,
                                              "repetition": 0, "mean_length": 2},
                          [{"task_id": t.id, "correct": i % 3 == 0, "score": 0.0, "text": "x", "tokens": 1} for i, t in enumerate(held[:5])])
+    # ckpt 1, round 2's incumbent, answered round 2's window too: its row keeps the figure that promoted it
+    store.add_evaluation("ckpt-000001", "heldout", {"accuracy": 0.1, "ci_low": 0.0, "ci_high": 0.5, "n": 5, "empty_fraction": 0,
+                                                    "repetition": 0, "mean_length": 2},
+                         [{"task_id": t.id, "correct": False, "score": 0.0, "text": "y", "tokens": 1} for t in held[:5]], 2)
     rows = summary_rows(store)
     assert rows[0]["n"] == 5  # the base's row is its latest window
+    assert (rows[1]["accuracy"], rows[1]["n"]) == (0.9, 20)
     assert rows[1]["gain_vs_base"] == 13 / 20 and abs(rows[1]["p_vs_base"] - 0.5 ** 13) < 1e-12
