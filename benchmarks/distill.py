@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import tomllib
@@ -79,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bootstrap import round_samples, summary  # noqa: E402
-from learning import add_arm_options, cell, chosen_arms, cli, dump_toml  # noqa: E402
+from learning import add_arm_options, cell, chosen_arms, cli, dump_toml, greedy_scorer, student_engine  # noqa: E402
 
 ARMS = ("loop", "labels", "labels_loop", "distill", "labels_distill", "grpo", "sft_then_grpo", "loop_anchored", "loop_replay",
         "loop_curriculum", "loop_flat", "loop_rotate", "loop_fixed")
@@ -261,7 +260,6 @@ def main() -> None:
         return
 
     from selfdistill.config import load_policy
-    from selfdistill.operations import base_model_dir
     from selfdistill.stats import discordant, mcnemar_one_sided
 
     out = a.out.resolve()
@@ -292,27 +290,11 @@ def main() -> None:
 
     from selfdistill.engines import make_engine
     from selfdistill.engines.base import AdapterRef
-    from selfdistill.evaluation import evaluate_heldout
-    from selfdistill.records import chat_messages
-    from selfdistill.scoring.verifiers import resolve_verifier
-
-    def verify(text, task):
-        r = resolve_verifier(task, src.tasks.default_verifier, src.scoring, ())(text, task)
-        return r.score, r.correct
-
-    def scorer(engine):
-        def score(tasks, name):
-            res = evaluate_heldout(engine, name, tasks, verify,
-                                   lambda tk: chat_messages(tk.prompt + src.tasks.prompt_suffix, src.student.system_prompt),
-                                   src.evaluation.max_tokens)
-            return [it.correct for it in res.items]
-        return score
 
     t = time.time()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(src.engine.cpu_kv_cache_gib)))
     correct: dict[str, dict[str, list[bool]]] = {s: {} for s in items}
-    engine = make_engine(src.engine, base_model_dir(src), lora_rank=src.student.lora.r, cache_dir=out / "cache")
-    score = scorer(engine)
+    engine = student_engine(src, out / "cache")
+    score = greedy_scorer(src, engine)
     for split, tasks in items.items():
         correct[split]["base"] = score(tasks, None)
     for arm in arms:
@@ -326,7 +308,7 @@ def main() -> None:
     engine.close()
     if ceiling:
         teacher = make_engine(src.engine, Path(src.teacher.model), lora_rank=None, cache_dir=out / "cache-teacher")
-        score = scorer(teacher)
+        score = greedy_scorer(src, teacher)
         for split, tasks in items.items():
             correct[split]["teacher"] = score(tasks, None)
         teacher.close()

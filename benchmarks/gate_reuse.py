@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from learning import greedy_scorer, student_engine  # noqa: E402
 
 
 def main() -> None:
@@ -34,12 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from selfdistill.config import load_policy
-    from selfdistill.engines import make_engine
     from selfdistill.engines.base import AdapterRef
-    from selfdistill.evaluation import evaluate_heldout
-    from selfdistill.operations import base_model_dir
-    from selfdistill.records import chat_messages
-    from selfdistill.scoring.verifiers import resolve_verifier
     from selfdistill.store import DB_NAME, Store
 
     policy = load_policy(args.policy)
@@ -57,12 +54,8 @@ def main() -> None:
     finally:
         store.close()
 
-    def verify(text, task):
-        v = resolve_verifier(task, policy.tasks.default_verifier, policy.scoring, ())(text, task)
-        return v.score, v.correct
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(policy.engine.cpu_kv_cache_gib)))
-    engine = make_engine(policy.engine, base_model_dir(policy), lora_rank=policy.student.lora.r, cache_dir=args.policy.parent / "reuse-cache")
+    engine = student_engine(policy, args.policy.parent / "reuse-cache")
+    score = greedy_scorer(policy, engine)
     right: dict[str, dict[int, bool]] = {}
     try:
         for name in ["base"] + [p["checkpoint"] for p in promotions]:
@@ -70,10 +63,7 @@ def main() -> None:
             if name != "base":
                 engine.load_adapter(AdapterRef(name=name, path=paths[name]))
                 adapter = name
-            res = evaluate_heldout(engine, adapter, pool, verify,
-                                   lambda t: chat_messages(t.prompt + policy.tasks.prompt_suffix, policy.student.system_prompt),
-                                   policy.evaluation.max_tokens)
-            right[name] = {it.task_id: bool(it.correct) for it in res.items}
+            right[name] = {t.id: bool(c) for t, c in zip(pool, score(pool, adapter))}
     finally:
         engine.close()
 

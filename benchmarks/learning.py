@@ -123,6 +123,37 @@ def make_policy(src: Path, out: Path, a: argparse.Namespace) -> Path:
     return p
 
 
+def student_engine(policy, cache_dir: Path):
+    """One engine built from the policy's [engine] table on its base model (adapters loaded by name)."""
+    from selfdistill.engines import make_engine
+    from selfdistill.operations import base_model_dir
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(policy.engine.cpu_kv_cache_gib)))
+    return make_engine(policy.engine, base_model_dir(policy), lora_rank=policy.student.lora.r, cache_dir=cache_dir)
+
+
+def greedy_scorer(policy, engine):
+    """score(tasks, adapter) -> each task's correctness (None: no verifier): `engine`'s greedy answers
+    (adapter: a loaded adapter's name, None the base) to the policy's prompts (its prompt suffix,
+    system prompt and evaluation.max_tokens), checked by the policy's verifiers, as the daemon's gate
+    checks them."""
+    from selfdistill.evaluation import evaluate_heldout
+    from selfdistill.records import chat_messages
+    from selfdistill.scoring.verifiers import resolve_verifier
+
+    def verify(text, task):
+        r = resolve_verifier(task, policy.tasks.default_verifier, policy.scoring, ())(text, task)
+        return r.score, r.correct
+
+    def score(tasks, adapter):
+        res = evaluate_heldout(engine, adapter, tasks, verify,
+                               lambda tk: chat_messages(tk.prompt + policy.tasks.prompt_suffix, policy.student.system_prompt),
+                               policy.evaluation.max_tokens)
+        return [it.correct for it in res.items]
+
+    return score
+
+
 def cli(*args: str, log: Path, timeout: float) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     with open(log, "a") as f:
@@ -206,27 +237,16 @@ def main() -> None:
                            system_prompt=policy.student.system_prompt)
     times["sft_baseline_s"] = time.time() - t
 
-    from selfdistill.engines import make_engine
     from selfdistill.engines.base import AdapterRef
-    from selfdistill.evaluation import evaluate_heldout
-    from selfdistill.records import chat_messages
-    from selfdistill.scoring.verifiers import resolve_verifier
 
     t = time.time()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(policy.engine.cpu_kv_cache_gib)))
-    engine = make_engine(policy.engine, base_model_dir(policy), lora_rank=policy.student.lora.r, cache_dir=out / "cache")
-
-    def verify(text, task):
-        r = resolve_verifier(task, policy.tasks.default_verifier, policy.scoring, ())(text, task)
-        return r.score, r.correct
+    engine = student_engine(policy, out / "cache")
+    greedy = greedy_scorer(policy, engine)
 
     def score(tasks, adapter_dir, name):
         if adapter_dir is not None:
             engine.load_adapter(AdapterRef(name=name, path=str(adapter_dir)))
-        res = evaluate_heldout(engine, name if adapter_dir else None, tasks, verify,
-                               lambda tk: chat_messages(tk.prompt + policy.tasks.prompt_suffix, policy.student.system_prompt),
-                               policy.evaluation.max_tokens)
-        return [it.correct for it in res.items]
+        return greedy(tasks, name if adapter_dir else None)
 
     models = {"base": None, "loop": Path(current["path"]) if current["id"] != "base" else None,
               "sft_baseline": sft["adapter"] if sft else None}
