@@ -216,12 +216,12 @@ class CurriculumConfig(_Model):
     level_field: str | None = Field(
         None, min_length=1, description="Difficulty levels: the task field holding each task's level (a number: a field of a "
         "JSONL task's `metadata`, or of a reasoning-gym entry's metadata, e.g. chain_sum's 'num_terms'). Training tasks are "
-        "drawn from the lowest level not yet passed; a level is passed when the student's pass rate on its attempted tasks "
-        "reaches advance_at. None: no levels.",
+        "drawn from the lowest level not yet passed; a level is passed when one student's (one checkpoint's) pass rate on the "
+        "level's tasks it attempted reaches advance_at. None: no levels.",
         json_schema_extra={"restart": "checked against the stored tasks at start: restart to change"},
     )
-    advance_at: float = Field(0.5, gt=0, le=1, description="Pass rate on a level's attempted training tasks that opens the next level.")
-    min_attempted: int = Field(16, ge=1, description="Training tasks of a level attempted before the level can be passed.")
+    advance_at: float = Field(0.5, gt=0, le=1, description="One checkpoint's pass rate on a level's training tasks it attempted that opens the next level.")
+    min_attempted: int = Field(16, ge=1, description="Training tasks of a level one checkpoint attempted before the level can be passed.")
     review_weight: float = Field(0.25, ge=0, description="Weight multiplier of the tasks of levels already passed (review); "
                                  "tasks of levels not yet open weigh 0.")
 

@@ -324,7 +324,7 @@ class Cycle:
                 self.store.event(event["kind"], event["message"].format(added=added), round_id=rid,
                                  data={**event.get("data", {}), "added": added}, level=event.get("level", "info"))
             pool = self.store.tasks(split="train")
-            levels = level_state(pool, tcfg.curriculum)
+            levels = level_state(pool, tcfg.curriculum, self.store.verified_counts() if tcfg.curriculum.level_field else None)
             weights = sampling_weights(pool, tcfg.curriculum, source_weights, levels)
             chosen = sample_tasks(pool, weights, tcfg.per_round, random.Random(round_seed(self.policy.generation.seed, rid)))
             at = {"curriculum_level": levels.current} if levels is not None else {}

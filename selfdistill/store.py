@@ -485,6 +485,18 @@ class Store:
                     got.append(_decode(r))
         return out
 
+    def verified_counts(self) -> dict[str, dict[int, tuple[int, float]]]:
+        """Per student (checkpoint id, oldest first), per task: (answers, verified correct) of the
+        training answers a verifier scored: what each student got right (the curriculum's levels)."""
+        out: dict[str, dict[int, tuple[int, float]]] = {}
+        for r in self.query(
+            "SELECT g.checkpoint_id AS ckpt, g.task_id, count(*) AS n, sum(s.correct) AS ok, min(g.round_id) AS first "
+            "FROM generations g JOIN scores s ON s.generation_id = g.id "
+            "WHERE g.purpose = 'train' AND s.scorer LIKE 'verifier:%' AND s.correct IS NOT NULL "
+            "GROUP BY g.checkpoint_id, g.task_id ORDER BY first, g.checkpoint_id"):
+            out.setdefault(r["ckpt"], {})[r["task_id"]] = (int(r["n"]), float(r["ok"]))
+        return out
+
     def delete_generations(self, round_id: int, purpose: str) -> int:
         """Drop a round's generations of one purpose (and their scores): a phase restarting from scratch."""
         with self.transaction():

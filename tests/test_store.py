@@ -173,6 +173,25 @@ def test_batched_writes_join_the_phase_transaction_and_return_their_ids(store):
     assert store.generations(rid)[0]["params"] == {"t": 1.0}
 
 
+def test_verified_counts_are_per_student_oldest_first_and_count_only_training_answers_a_verifier_scored(store):
+    store.add_tasks([TaskIn(source="t", prompt=f"q{i}", answer=str(i)) for i in range(2)], heldout_fraction=0.0)
+    t0, t1 = (t.id for t in store.tasks())
+    r1 = store.create_round("base")
+    store.add_checkpoint("ckpt-000001", "base", r1, "/x", {})
+    r2 = store.create_round("ckpt-000001")
+
+    def answers(rid, ckpt, tid, verdicts, purpose="train", scorer="verifier:exact"):
+        gids = store.add_generations([{"round_id": rid, "task_id": tid, "checkpoint_id": ckpt, "purpose": purpose, "sample_index": i,
+                                       "prompt": "q", "text": f"a{i}", "params": {}} for i in range(len(verdicts))])
+        store.add_scores([{"generation_id": g, "scorer": scorer, "score": float(v), "correct": v} for g, v in zip(gids, verdicts)])
+
+    answers(r2, "ckpt-000001", t0, [True, True, False])
+    answers(r1, "base", t0, [True, False, False, False])
+    answers(r1, "base", t1, [True, True], purpose="anchor")          # not the round's own answers
+    answers(r1, "base", t1, [True, True], scorer="judge:self")       # no verifier
+    assert list(store.verified_counts().items()) == [("base", {t0: (4, 1.0)}), ("ckpt-000001", {t0: (3, 2.0)})]
+
+
 def test_readers_while_a_writer_holds_a_transaction(store):
     reader = Store.open(store.path, readonly=True)
     with store.transaction():

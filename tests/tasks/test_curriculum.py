@@ -111,3 +111,19 @@ def test_level_weights_close_the_levels_above_and_review_the_ones_below():
 def test_task_level_reads_metadata_then_the_entrys_fields():
     assert task_level(L(2), "level") == 2.0 and task_level(L(2, where="fields"), "level") == 2.0
     assert task_level(L(2), "other") is None
+
+
+def test_a_level_is_passed_by_one_students_answers_not_by_every_rounds_pooled():
+    # the demo's case: the base got 0.2 of level 1 right, its first promotion 0.6; pooled that is 0.4 < 0.5
+    tasks = [L(1, i=0), L(1, i=1), L(2, i=2)]
+    base = {0: (8, 1.6), 1: (8, 1.6)}
+    first = {0: (8, 4.8), 1: (8, 4.8)}
+    pooled = [L(1, 16, 6.4, i=0), L(1, 16, 6.4, i=1), L(2, i=2)]
+    assert level_state(pooled, LEVELS).current == 1
+    state = level_state(tasks, LEVELS, {"base": base, "ckpt-000001": first})
+    assert state.current == 2 and state.stats[1.0] == (2, 2, pytest.approx(0.6))
+    # a later, weaker student does not close it again; a student that tried too few does not open it
+    assert level_state(tasks, LEVELS, {"base": base, "ckpt-000001": first, "ckpt-000002": base}).current == 2
+    assert level_state(tasks, LEVELS, {"base": base, "ckpt-000001": {0: (8, 8.0)}}).current == 1
+    # not passed: the figure shown is the last student's that tried the level
+    assert level_state(tasks, LEVELS, {"ckpt-000001": {0: (8, 8.0)}, "base": base}).stats[1.0] == (2, 2, pytest.approx(0.2))
