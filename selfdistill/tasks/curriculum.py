@@ -32,7 +32,6 @@ from typing import Mapping, Sequence
 from selfdistill.config import CurriculumConfig
 from selfdistill.records import Task
 
-
 # per student (a checkpoint id), per task id: (attempts, successes)
 Answers = Mapping[str, Mapping[int, tuple[int, float]]]
 
