@@ -432,7 +432,9 @@ class TrainingConfig(_Model):
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int = Field(384, ge=16, description="Longest training sequence, in tokens.")
     data_scope: Literal["since_last", "all"] = Field(
-        "all", description="Train on data gathered since the last round, or all training data so far (STaR-style)."
+        "all", description="since_last: train on the data the incumbent was not trained on (gathered since the round "
+        "that made it, so a rejected round's data is kept), plus replay_fraction of the older; all: on all training data "
+        "so far (STaR-style)."
     )
     replay_fraction: float = Field(0.0, ge=0, le=1, description="since_last: share of older data mixed in against forgetting.")
     start_from: Literal["incumbent", "base"] = Field(

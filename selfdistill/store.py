@@ -563,9 +563,11 @@ class Store:
             if scope == "all":
                 cond, params = "x.round_id <= ?", [round_id]
             else:
+                # the rows the round's incumbent was not trained on: those since the round that made it
+                # (not since the last training: a rejected round's rows were never learned)
                 last = self.execute(
-                    "SELECT coalesce(max(round_id), 0) FROM training_runs WHERE status = 'succeeded' AND round_id < ?", (round_id,)
-                ).fetchone()[0]
+                    "SELECT coalesce((SELECT c.round_id FROM rounds r JOIN checkpoints c ON c.id = r.incumbent_id "
+                    "WHERE r.id = ?), 0)", (round_id,)).fetchone()[0]
                 cond, params = "x.round_id > ? AND x.round_id <= ?", [last, round_id]
             sft = self.query(
                 f"SELECT x.id, x.task_id, x.prompt, x.completion, x.weight, x.source, x.round_id FROM sft_examples x "

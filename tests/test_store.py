@@ -118,8 +118,15 @@ def test_training_data_scope_and_replay(store):
     r2 = store.create_round("base")
     store.add_training_data(r2, [], [SftRecord(t.id, t.prompt, "b", 1.0, "verifier") for t in tasks[20:30]])
     assert len(store.training_data(r2, "all").sft) == 30
-    assert len(store.training_data(r2, "since_last").sft) == 10
-    assert len(store.training_data(r2, "since_last", replay_fraction=0.5).sft) == 20
+    # round 1 trained but was not promoted: the incumbent (the base) never learned its rows, so they stay
+    assert len(store.training_data(r2, "since_last").sft) == 30
+    store.add_checkpoint("ckpt-000001", "base", r1, "/x", {})
+    r3 = store.create_round("ckpt-000001")
+    store.add_training_data(r3, [], [SftRecord(t.id, t.prompt, "c", 1.0, "verifier") for t in tasks[30:40]])
+    assert len(store.training_data(r3, "all").sft) == 40
+    assert len(store.training_data(r3, "since_last").sft) == 20  # rounds 2 and 3: the incumbent is round 1's
+    replayed = store.training_data(r3, "since_last", replay_fraction=0.2).sft  # a fifth of the rows from round 1
+    assert len(replayed) == 25 and sum(x.round_id == r1 for x in replayed) == 5
 
 
 def test_promotion_is_one_transaction_and_one_current(store):
