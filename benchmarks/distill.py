@@ -18,7 +18,7 @@ in time):
 - `sft_then_grpo`   no teacher: SFT on verified answers, then the policy gradient, in one round;
 - `loop_anchored`   `loop` with anchored rejection (pairs.rejected_from = "base"): each pair's rejected
                     side is one of the base model's wrong answers to the task, not the round's own;
-- `loop_replay`     `loop` training each round on the data gathered since the last training plus a
+- `loop_replay`     `loop` training each round on the data its incumbent was not trained on plus a
                     replay share of the older (training.data_scope = "since_last", replay_fraction
                     REPLAY) instead of on everything so far;
 - `loop_curriculum` `loop` with a difficulty curriculum (tasks.curriculum, LEVELS): training tasks drawn
