@@ -254,7 +254,9 @@ def test_a_difficulty_curriculum_opens_the_next_level_when_the_student_passes_th
     levels_of = lambda rid: {t.metadata["level"] for t in cyc.store.round_tasks(rid)}  # noqa: E731
     assert cyc.run_round().decision == "collect" and levels_of(1) == {1}
     assert cyc.store.phases(1)[0]["counts"]["curriculum_level"] == 1
-    cyc.run_round()  # four level-1 tasks tried, all passed: level 2 opens, level 1 weighs 0 (review_weight)
+    with cyc.store.transaction():  # as if an earlier, weaker student had failed them 40 times each: the pooled rate
+        cyc.store.execute("UPDATE tasks SET attempts = attempts + 40 WHERE attempts > 0")  # falls below 0.9
+    cyc.run_round()  # the base tried four level-1 tasks and passed all: level 2 opens, level 1 weighs 0 (review_weight)
     assert levels_of(2) == {2} and cyc.store.phases(2)[0]["counts"]["curriculum_level"] == 2
     opened = [e["message"] for e in cyc.store.events("curriculum")]
     assert opened == ["round 2: curriculum at level = 2 (1: passed, 4/8 tried, pass rate 1.00; 2: open, 0/10 tried)",
