@@ -10,6 +10,10 @@ or easier window from a lucky one):
 
     selection effect = (promoted on its window - promoted off it) - (base on that window - base off it)
 
+It also answers the whole pool with every round's candidate whose adapter is still on disk (rejected
+ones too) and repeats each round's paired test (exact one-sided McNemar, candidate against the
+round's incumbent) on the whole pool: would a gate on every held-out item have decided otherwise?
+
 Run on the store of a `benchmarks/distill.py` arm (its policy.toml), for example:
 
     .venv/bin/python benchmarks/gate_reuse.py /tmp/b19/rot/loop_rotate/policy.toml --out /tmp/b19/reuse.json
@@ -44,8 +48,11 @@ def main() -> None:
     try:
         pool = store.tasks(split="heldout")
         paths = {c.id: c.path for c in store.checkpoints()}
-        promotions = []
+        promotions, decided = [], []
         for r in store.rounds():
+            if r.decision in ("promote", "reject") and r.candidate_id and paths.get(r.candidate_id) \
+                    and Path(paths[r.candidate_id]).is_dir():
+                decided.append({"round": r.id, "incumbent": r.incumbent_id, "candidate": r.candidate_id, "decision": r.decision})
             if r.decision != "promote":
                 continue
             raw = store.get_meta(f"gate_items:{r.id}")  # kept since 2026-12-07; before, the first heldout_items
@@ -58,7 +65,9 @@ def main() -> None:
     score = greedy_scorer(policy, engine)
     right: dict[str, dict[int, bool]] = {}
     try:
-        for name in ["base"] + [p["checkpoint"] for p in promotions]:
+        names = ["base"] + [p["checkpoint"] for p in promotions]
+        names += [c for d in decided for c in (d["incumbent"], d["candidate"]) if c not in names]
+        for name in dict.fromkeys(names):
             adapter = None
             if name != "base":
                 engine.load_adapter(AdapterRef(name=name, path=paths[name]))
@@ -80,14 +89,27 @@ def main() -> None:
         rows.append({"round": p["round"], "checkpoint": p["checkpoint"], "window": len(inside), "rest": len(outside),
                      "on_window": round(on, 4), "off_window": round(off, 4), "base_on_window": round(b_on, 4),
                      "base_off_window": round(b_off, 4), "selection_effect": round((on - off) - (b_on - b_off), 4)})
+    from selfdistill.stats import discordant, mcnemar_one_sided
+
+    ids = [t.id for t in pool]
+    for d in decided:
+        w, lo = discordant([right[d["candidate"]][i] for i in ids], [right[d["incumbent"]][i] for i in ids])
+        d.update(pool_incumbent=round(acc(d["incumbent"], ids), 4), pool_candidate=round(acc(d["candidate"], ids), 4),
+                 pool_wins=w, pool_losses=lo, pool_p=round(mcnemar_one_sided(w, lo), 4))
     doc = {"policy": str(args.policy), "heldout_pool": len(pool), "gate_items": policy.evaluation.gate_items,
-           "all_items": {n: round(acc(n, right[n]), 4) for n in right}, "promotions": rows}
+           "alpha": policy.gates.alpha, "all_items": {n: round(acc(n, right[n]), 4) for n in right}, "promotions": rows,
+           "rounds": decided}
     print(json.dumps(doc, indent=2))
     print("| round | checkpoint | its gate window: promoted / base | the other held-out items: promoted / base | selection effect |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['round']} | {r['checkpoint']} | {r['on_window']:.3f} / {r['base_on_window']:.3f} (n = {r['window']}) "
               f"| {r['off_window']:.3f} / {r['base_off_window']:.3f} (n = {r['rest']}) | {r['selection_effect']:+.3f} |")
+    print(f"\n| round | decision | whole pool (n = {len(pool)}): incumbent -> candidate | wins / losses | one-sided p |")
+    print("|---|---|---|---|---|")
+    for d in decided:
+        print(f"| {d['round']} | {d['decision']} | {d['incumbent']} {d['pool_incumbent']:.3f} -> {d['candidate']} "
+              f"{d['pool_candidate']:.3f} | {d['pool_wins']} / {d['pool_losses']} | {d['pool_p']:.2g} |")
     if args.out:
         args.out.write_text(json.dumps(doc, indent=2))
 

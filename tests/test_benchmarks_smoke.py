@@ -65,6 +65,10 @@ def test_distill_benchmark_runs(tmp_path, tiny_model_dir):
     assert len(reuse["promotions"]) == len(promoted) and set(reuse["all_items"]) >= {"base"}
     for p in reuse["promotions"]:
         assert p["window"] + p["rest"] == reuse["heldout_pool"] and -1 <= p["selection_effect"] <= 1, p
+    # every decided round's candidate against its incumbent on the whole pool
+    assert [d["decision"] for d in reuse["rounds"]] == [d for d in res["arms"]["loop"]["decisions"] if d in ("promote", "reject")]
+    for d in reuse["rounds"]:
+        assert d["pool_wins"] + d["pool_losses"] <= reuse["heldout_pool"] and 0 <= d["pool_p"] <= 1, d
 
 
 def test_distill_benchmark_rl_arm_without_a_teacher(tmp_path, tiny_model_dir):
