@@ -61,7 +61,7 @@ def main() -> None:
     finally:
         store.close()
 
-    engine = student_engine(policy, args.policy.parent / "reuse-cache")
+    engine = student_engine(policy, policy.state_dir / "cache" / "gate-reuse")  # not beside a shipped policy file
     score = greedy_scorer(policy, engine)
     right: dict[str, dict[int, bool]] = {}
     try:
