@@ -65,9 +65,8 @@ def main() -> None:
     score = greedy_scorer(policy, engine)
     right: dict[str, dict[int, bool]] = {}
     try:
-        names = ["base"] + [p["checkpoint"] for p in promotions]
-        names += [c for d in decided for c in (d["incumbent"], d["candidate"]) if c not in names]
-        for name in dict.fromkeys(names):
+        names = ["base", *(p["checkpoint"] for p in promotions), *(c for d in decided for c in (d["incumbent"], d["candidate"]))]
+        for name in dict.fromkeys(names):  # each once, in that order
             adapter = None
             if name != "base":
                 engine.load_adapter(AdapterRef(name=name, path=paths[name]))
