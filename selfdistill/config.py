@@ -437,6 +437,10 @@ class TrainingConfig(_Model):
         "so far (STaR-style)."
     )
     replay_fraction: float = Field(0.0, ge=0, le=1, description="since_last: share of older data mixed in against forgetting.")
+    review_fraction: float | None = Field(
+        None, ge=0, lt=1, description="With difficulty levels (tasks.curriculum.level_field): the rows of levels already "
+        "passed are cut, by a seeded random draw, to this share of a round's SFT examples and of its pairs, so a mastered "
+        "level's rows do not fill the training of the next (none: all kept). The round's level is the one it sampled at.")
     start_from: Literal["incumbent", "base"] = Field(
         "incumbent", description="Where a round's LoRA starts: the incumbent's adapter (training continues), or a fresh "
         "LoRA on the base trained on all the data so far (STaR's restart: no epochs piled on old data; needs "
@@ -683,6 +687,9 @@ class Policy(_Model):
         if level_keys and cur.level_field is None:
             problems.append(f"tasks.curriculum.{', '.join(level_keys)} shape difficulty levels, which are off without "
                             "tasks.curriculum.level_field: remove the key(s) or name the level field")
+        if self.training.review_fraction is not None and cur.level_field is None:
+            problems.append(f"training.review_fraction = {self.training.review_fraction:g} cuts the rows of passed difficulty "
+                            "levels, which are off without tasks.curriculum.level_field: remove the key or name the level field")
         if "anchor_samples" in self.pairs.model_fields_set and self.pairs.rejected_from != "base":
             problems.append("pairs.anchor_samples is used only by pairs.rejected_from = 'base': remove the key or set rejected_from = 'base'")
         dc = self.training.distill

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from selfdistill.config import Policy
 from selfdistill.errors import CheckpointError, ModelError, PromotionSuperseded, SelfdistillError, StoreError, TeacherBudgetSpent
 from selfdistill.logs import log
-from selfdistill.records import Round, Task, chat_messages, with_suffix
+from selfdistill.records import Round, Task, TrainingData, chat_messages, with_suffix
 from selfdistill.service import hold_for_test, hook_seconds, sd_notify
 from selfdistill.stopping import Progress, should_stop
 from selfdistill.store import Store
@@ -346,11 +346,26 @@ class Cycle:
         self.run.stop_is_policy = True
         raise StopRequested(self.run.stop_reason)
 
-    def _last_level(self, rid: int) -> float | None:
-        """The curriculum level the last sampled round before `rid` drew from (None: none yet)."""
+    def _last_level(self, rid: int, *, this_round: bool = False) -> float | None:
+        """The curriculum level the last sampled round before `rid` (or `rid` itself) drew from
+        (None: none yet)."""
         row = self.store.query("SELECT json_extract(counts, '$.curriculum_level') AS level FROM phases WHERE phase = 'sample' "
-                               "AND round_id < ? ORDER BY round_id DESC LIMIT 1", (rid,))
+                               f"AND round_id {'=' if this_round else '<'} ? ORDER BY round_id DESC LIMIT 1", (rid,))
         return row[0]["level"] if row else None
+
+    def _cut_review(self, rid: int, data: TrainingData) -> tuple[TrainingData, dict[str, int]]:
+        """`training.review_fraction`: the rows of levels below the round's own cut to that share."""
+        from selfdistill.tasks.curriculum import cut_review, task_level
+
+        share, field = self.policy.training.review_fraction, self.policy.tasks.curriculum.level_field
+        current = self._last_level(rid, this_round=True)
+        if share is None or field is None or current is None:
+            return data, {}
+        levels = {t.id: task_level(t, field) for t in self.store.tasks(split="train")}
+        rng = random.Random(self.policy.training.seed + rid)
+        sft, cut_sft = cut_review(data.sft, levels, current, share, rng)
+        pairs, cut_pairs = cut_review(data.pairs, levels, current, share, rng)
+        return TrainingData(sft=sft, pairs=pairs), {"review_cut": cut_sft + cut_pairs}
 
     def expand(self, rid: int) -> list[tuple[list, dict]]:
         """New tasks from the expansion sources (nothing is written here): (tasks, event) each."""
@@ -714,7 +729,7 @@ class Cycle:
                     kill_group(run["pid"])
                 self.store.finish_training_run(run["id"], "failed", {}, "interrupted: the daemon stopped during training")
         attempt = len(self.store.training_runs(rid)) + 1
-        data = self.store.training_data(rid, tr.data_scope, tr.replay_fraction, tr.seed)
+        data, cut = self._cut_review(rid, self.store.training_data(rid, tr.data_scope, tr.replay_fraction, tr.seed))
         groups, group_counts = self.round_groups(rid) if "grpo" in tr.stages() else ([], {})
         distill, distill_counts = self.distill_data(rid) if "distill" in tr.stages() else ([], {})
         ckpt_id = self.store.next_checkpoint_id()
@@ -735,7 +750,7 @@ class Cycle:
             result_path=str(work / "result.json"), threads=tr.threads, seed=tr.seed + attempt - 1,
             hf_home=str(self.state_dir / "cache" / "hf"),
         )
-        counts = {"sft": len(data.sft), "pairs": len(data.pairs), **group_counts, **distill_counts}
+        counts = {"sft": len(data.sft), "pairs": len(data.pairs), **cut, **group_counts, **distill_counts}
         self._training_run_id = self.store.start_training_run(rid, attempt, {**counts, "output": str(out_dir), "starts_from": starts})
         self.say(rid, "train", attempt=attempt, candidate=ckpt_id, **counts)
         self.serving.release("training")  # the engine comes back by itself at its next use

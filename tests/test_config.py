@@ -88,6 +88,10 @@ BAD = [
     ({"tasks": {"curriculum": {"advance_at": 0.3, "review_weight": 0}}},
      "tasks.curriculum.advance_at, review_weight shape difficulty levels, which are off without tasks.curriculum.level_field"),
     ({"tasks": {"curriculum": {"level_field": "num_terms", "advance_at": 0}}}, "tasks.curriculum.advance_at: Input should be greater than 0"),
+    ({"training": {"review_fraction": 0.25}},
+     "training.review_fraction = 0.25 cuts the rows of passed difficulty levels, which are off without tasks.curriculum.level_field"),
+    ({"tasks": {"curriculum": {"level_field": "num_terms"}}, "training": {"review_fraction": 1}},
+     "training.review_fraction: Input should be less than 1"),
 ]
 
 

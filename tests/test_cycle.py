@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from sd_testutil import TASKS, merged, tiny_policy_data, write_policy
@@ -267,6 +269,40 @@ def test_a_difficulty_curriculum_opens_the_next_level_when_the_student_passes_th
 
     shown = [(r["round"], r["open_level"], r["tasks"], r["change"][:20]) for r in cyc.store.query(canned_queries()["curriculum"])]
     assert shown == [(1, 1, 4, "round 1: curriculum "), (2, 2, 4, "round 2: curriculum "), (3, 2, 4, "")], shown
+
+
+def test_a_passed_levels_rows_are_cut_to_the_review_share_of_the_next_levels_training(make_cycle, tmp_path, monkeypatch):
+    """training.review_fraction: once level 2 is open, round 1's level-1 rows are cut to that share of
+    what round 2 trains on (a mastered level does not fill the next level's training)."""
+    from selfdistill.training import child
+
+    f = tmp_path / "levels.jsonl"  # level 1's answers always pass, level 2's on a digit
+    f.write_text("".join(json.dumps({"prompt": f"level {lv} item {i}: 1+{i}?", "answer": str(1 + i), "metadata": {"level": lv},
+                                     **({"verifier": "regex:.*"} if lv == 1 else {})}) + "\n"
+                         for lv in (1, 2) for i in range(12)))
+    trained = []  # per training run: the level of each row it was given
+    real = child.run_training_child
+
+    def spy(spec, **kw):
+        trained.append([json.loads(line)["prompt"].split(" item")[0] for line in Path(spec.data_path).read_text().splitlines()])
+        return real(spec, **kw)
+
+    monkeypatch.setattr(child, "run_training_child", spy)
+    cyc = make_cycle({"schedule": {"train_min_new_pairs": 0}, "training": {"review_fraction": 0.2},
+                      "tasks": {"sources": [{"type": "jsonl", "path": str(f)}], "per_round": 4, "curriculum": {
+                          "level_field": "level", "advance_at": 0.9, "min_attempted": 4, "review_weight": 0.0}}})
+    cyc.run_round()
+    cyc.run_round()
+    assert [cyc.store.phases(r)[0]["counts"]["curriculum_level"] for r in (1, 2)] == [1, 2]
+    first, second = (Counter(t) for t in trained)
+    assert set(first) == {"level 1"}  # round 1: its own level, nothing cut
+    stored = cyc.store.training_data(2)  # what round 2 could have trained on
+    level1 = sum(r.prompt.startswith("level 1") for r in [*stored.sft, *stored.pairs])
+    assert level1 >= 4 and second["level 2"] > 0, (level1, second)
+    # 0.2 of what is trained on: a quarter of the level-2 rows, per table (SFT, pairs), rounded
+    assert 0 < second["level 1"] <= round(second["level 2"] * 0.25) + 1 < level1, second
+    (run2,) = cyc.store.training_runs(2)
+    assert run2["spec"]["review_cut"] == level1 - second["level 1"]
 
 
 @pytest.mark.parametrize("stop_when_exhausted", [True, False])
@@ -563,7 +599,6 @@ def test_a_teacher_that_answers_garbage_or_fails_stores_nothing_wrong_and_the_ro
 
 def _fake_teacher(monkeypatch, mode):
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent / "reliability"))
     from teacher_server import FakeTeacher

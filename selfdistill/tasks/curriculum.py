@@ -27,10 +27,17 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence, TypeVar
 
 from selfdistill.config import CurriculumConfig
 from selfdistill.records import Task
+
+
+class _HasTask(Protocol):
+    task_id: int
+
+
+R = TypeVar("R", bound=_HasTask)
 
 # per student (a checkpoint id), per task id: (attempts, successes)
 Answers = Mapping[str, Mapping[int, tuple[int, float]]]
@@ -157,3 +164,24 @@ def sample_tasks(tasks: Sequence[Task], weights: Sequence[float], k: int, rng: r
     keyed = [(rng.random() ** (1.0 / w), i) for i, w in enumerate(weights) if w > 0]
     keyed.sort(reverse=True)
     return [tasks[i] for _, i in keyed[:k]]
+
+
+def cut_review(rows: Sequence[R], levels: Mapping[int, int | float | None], current: int | float, share: float,
+               rng: random.Random) -> tuple[list[R], int]:
+    """`rows` (each with a `task_id`) with those of levels below `current` (already passed) cut to
+    `share` of what is returned, by a draw from `rng`; rows of the current level, of levels above it
+    and of tasks with no level are all kept, and the order is kept. Returns (rows, how many were cut).
+
+    Why: with data_scope = 'all', a level the student has mastered goes on filling the training of
+    the next. In one demo run, after three rounds on 2-term questions, 213 of the 239 SFT rows of
+    the first 3-term round were 2-term ones the student already got 87% right.
+    """
+    keep = [i for i, r in enumerate(rows) if not _below(levels.get(r.task_id), current)]
+    review = [i for i, r in enumerate(rows) if _below(levels.get(r.task_id), current)]
+    want = min(len(review), int(round(len(keep) * share / (1 - share))))
+    chosen = sorted(keep + rng.sample(review, want))
+    return [rows[i] for i in chosen], len(review) - want
+
+
+def _below(level: int | float | None, current: int | float) -> bool:
+    return level is not None and level < current

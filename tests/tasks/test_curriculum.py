@@ -127,3 +127,20 @@ def test_a_level_is_passed_by_one_students_answers_not_by_every_rounds_pooled():
     assert level_state(tasks, LEVELS, {"base": base, "ckpt-000001": {0: (8, 8.0)}}).current == 1
     # not passed: the figure shown is the last student's that tried the level
     assert level_state(tasks, LEVELS, {"ckpt-000001": {0: (8, 8.0)}, "base": base}).stats[1.0] == (2, 2, pytest.approx(0.2))
+
+
+def test_the_rows_of_passed_levels_are_cut_to_the_review_share():
+    from types import SimpleNamespace as Row
+
+    from selfdistill.tasks.curriculum import cut_review
+
+    levels = {0: 1, 1: 1, 2: 2, 3: None, 4: 3}
+    rows = [Row(task_id=t, n=n) for n, t in enumerate([0, 1, 0, 2, 1, 0, 3, 2, 4, 1, 0, 1])]
+    kept, cut = cut_review(rows, levels, 2, 0.25, random.Random(0))
+    # level 2, no level and level 3 are all kept (4 rows); level 1's 8 are cut to 0.25 of the result: 1 of 4 + 1
+    assert [r.task_id for r in kept if levels[r.task_id] != 1] == [2, 3, 2, 4]
+    assert (sum(levels[r.task_id] == 1 for r in kept), cut, len(kept)) == (1, 7, 5)
+    assert [r.n for r in kept] == sorted(r.n for r in kept)  # the order is kept
+    assert cut_review(rows, levels, 1, 0.25, random.Random(0)) == (rows, 0)  # nothing below level 1
+    assert cut_review(rows, levels, 2, 0.0, random.Random(0))[1] == 8  # no review at all
+    assert cut_review(rows, levels, 2, 0.9, random.Random(0)) == (rows, 0)  # more review wanted than there is
