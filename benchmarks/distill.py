@@ -139,6 +139,7 @@ def arm_policy(src: Path, arm: str, out: Path, minutes: float, audit_fraction: f
             cur = data.get("tasks", {}).get("curriculum", {})
             for key in LEVEL_KEYS:
                 cur.pop(key, None)
+            tr.pop("review_fraction", None)  # it cuts the rows of passed levels: there are none
         tr.setdefault("min_pairs", 8)
     elif arm == "labels":
         tr.pop("distill", None)
