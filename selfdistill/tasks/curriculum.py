@@ -17,7 +17,8 @@ pooling every round's answers lets the weaker earlier students hold a level clos
 run the base's 0.20 and its first promotion's 0.57 pooled to 0.39, under the 0.4 threshold, and a
 round went on 2-term questions its student answered 87% right. Once passed, a level stays passed
 (the stored answers only grow), and the state is read from them alone, so it needs no state of its
-own and a restarted daemon resumes at the same level.
+own and a restarted daemon resumes at the same level. What a round then trains on can keep the
+passed levels' rows to a share of it (`cut_review`, `training.review_fraction`).
 
 Pure: standard library only.
 """
