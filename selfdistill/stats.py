@@ -1,6 +1,8 @@
 """Small statistics the gates stand on: Wilson intervals for an accuracy, the exact one-sided
 McNemar test and a seeded paired bootstrap for "is the candidate better on the same items", and a
-mean with a normal-approximation interval.
+mean with a normal-approximation interval; and the seeded draw that makes older rows a given share
+of a training set (`draw_share`: the replay of `data_scope = "since_last"`, the review cut of a
+curriculum).
 
 Everything is exact integer arithmetic or seeded pure Python, so a gate decision is reproducible
 to the bit on any machine. Pure: standard library only.
@@ -11,7 +13,9 @@ from __future__ import annotations
 import math
 import random
 from statistics import NormalDist
-from typing import Sequence
+from typing import Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 def z_for(confidence: float) -> float:
@@ -102,3 +106,10 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
     half = z_for(confidence) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def draw_share(pool: Sequence[T], beside: int, share: float, rng: random.Random) -> list[T]:
+    """Items of `pool`, drawn by `rng`, that make up `share` of themselves plus `beside` other items
+    (as many as that takes, rounded, and never more than the pool has)."""
+    want = int(round(beside * share / max(1e-9, 1 - share)))
+    return rng.sample(pool, min(want, len(pool)))

@@ -559,6 +559,8 @@ class Store:
         """
         import random
 
+        from selfdistill.stats import draw_share
+
         with self.transaction():  # one consistent snapshot of both tables
             if scope == "all":
                 cond, params = "x.round_id <= ?", [round_id]
@@ -583,8 +585,7 @@ class Store:
                     older = self.query(
                         f"SELECT {cols} FROM {table} x JOIN tasks t ON t.id = x.task_id WHERE t.split = 'train' AND x.round_id <= ? ORDER BY x.id",
                         [params[0]])
-                    want = int(round(len(rows) * replay_fraction / max(1e-9, 1 - replay_fraction)))
-                    rows.extend(rng.sample(older, min(want, len(older))))
+                    rows.extend(draw_share(older, len(rows), replay_fraction, rng))
         return TrainingData(sft=[SftRecord(**r) for r in sft], pairs=[PairRecord(**r) for r in pairs])
 
     def mark_data_used(self, round_id: int, sft_ids: list[int], pair_ids: list[int]) -> None:

@@ -32,6 +32,7 @@ from typing import Mapping, Protocol, Sequence, TypeVar
 
 from selfdistill.config import CurriculumConfig
 from selfdistill.records import Task
+from selfdistill.stats import draw_share
 
 
 class _HasTask(Protocol):
@@ -179,9 +180,8 @@ def cut_review(rows: Sequence[R], levels: Mapping[int, int | float | None], curr
     """
     keep = [i for i, r in enumerate(rows) if not _below(levels.get(r.task_id), current)]
     review = [i for i, r in enumerate(rows) if _below(levels.get(r.task_id), current)]
-    want = min(len(review), int(round(len(keep) * share / (1 - share))))
-    chosen = sorted(keep + rng.sample(review, want))
-    return [rows[i] for i in chosen], len(review) - want
+    drawn = draw_share(review, len(keep), share, rng)
+    return [rows[i] for i in sorted(keep + drawn)], len(review) - len(drawn)
 
 
 def _below(level: int | float | None, current: int | float) -> bool:
